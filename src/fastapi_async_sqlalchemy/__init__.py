@@ -1,0 +1,35 @@
+"""SQLAlchemy 2.x async sessions for FastAPI and Starlette, one per request, via ``db.session``."""
+
+from ._factory import SQLAlchemyMiddleware, create_middleware_and_session_proxy, db
+from ._proxy import DBSessionMeta
+from .exceptions import (
+    ConcurrencyError,
+    FastAPIAsyncSQLAlchemyError,
+    InvalidConfigurationError,
+    MissingSessionError,
+    PoolTimeoutError,
+    ProxyBindingError,
+    SessionFinalizedError,
+    SessionNotInitialisedError,
+)
+
+DBSessionType = DBSessionMeta  # the name used by 0.7 and 0.8.0a1
+
+__version__ = "0.9.0"
+
+__all__ = [
+    "ConcurrencyError",
+    "DBSessionMeta",
+    "DBSessionType",
+    "FastAPIAsyncSQLAlchemyError",
+    "InvalidConfigurationError",
+    "MissingSessionError",
+    "PoolTimeoutError",
+    "ProxyBindingError",
+    "SQLAlchemyMiddleware",
+    "SessionFinalizedError",
+    "SessionNotInitialisedError",
+    "__version__",
+    "create_middleware_and_session_proxy",
+    "db",
+]

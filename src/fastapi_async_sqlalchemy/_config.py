@@ -1,0 +1,122 @@
+"""Argument checks and the session factory: everything decided once, at construction time."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
+
+from .exceptions import InvalidConfigurationError
+
+
+@cache
+def default_session_class() -> type[AsyncSession]:
+    """SQLModel's ``AsyncSession`` (which adds ``.exec()``) when SQLModel is installed."""
+    try:
+        from sqlmodel.ext.asyncio.session import AsyncSession as SQLModelAsyncSession
+    except ImportError:
+        return AsyncSession
+    return SQLModelAsyncSession
+
+
+_keywords_by_class: dict[type[AsyncSession], frozenset[str]] = {}
+
+
+def _session_keywords(session_class: type[AsyncSession]) -> frozenset[str]:
+    """Keywords that ``async_sessionmaker(class_=session_class, ...)`` can pass on."""
+    known = _keywords_by_class.get(session_class)
+    if known is not None:
+        return known
+    names = {"class_"}
+    for init in (session_class.__init__, Session.__init__):
+        for parameter in inspect.signature(init).parameters.values():
+            if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+                names.add(parameter.name)
+    names.discard("self")
+    known = _keywords_by_class[session_class] = frozenset(names)
+    return known
+
+
+def check_session_args(session_args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Return ``session_args`` as a dict, refusing keywords no session class accepts."""
+    if session_args is None:
+        return {}
+    if not isinstance(session_args, Mapping):
+        raise InvalidConfigurationError(
+            f"session_args must be a dict of AsyncSession keyword arguments, "
+            f"not {type(session_args).__name__}."
+        )
+    args = dict(session_args)
+    session_class = args.get("class_", default_session_class())
+    if not (isinstance(session_class, type) and issubclass(session_class, AsyncSession)):
+        raise InvalidConfigurationError(
+            "session_args['class_'] must be a subclass of sqlalchemy.ext.asyncio.AsyncSession."
+        )
+    unknown = sorted(set(args) - _session_keywords(session_class))
+    if unknown:
+        raise InvalidConfigurationError(
+            f"session_args has unknown keyword(s) {', '.join(map(repr, unknown))}: pass only "
+            f"arguments that {session_class.__name__} accepts (e.g. 'expire_on_commit', "
+            "'autoflush', 'class_')."
+        )
+    return args
+
+
+def make_session_factory(
+    engine: AsyncEngine, session_args: Mapping[str, Any]
+) -> async_sessionmaker[AsyncSession]:
+    """The factory for every session of one middleware: our defaults, then ``session_args``."""
+    options: dict[str, Any] = {"class_": default_session_class(), "expire_on_commit": False}
+    options.update(session_args)
+    return async_sessionmaker(engine, **options)
+
+
+def check_url(db_url: object) -> URL:
+    """Parse ``db_url`` without ever echoing it: it may hold a password."""
+    if isinstance(db_url, URL):
+        return db_url
+    if not isinstance(db_url, str):
+        raise InvalidConfigurationError(
+            f"db_url must be a string or a sqlalchemy.URL, not {type(db_url).__name__}."
+        )
+    try:
+        return make_url(db_url)
+    except ArgumentError:
+        raise InvalidConfigurationError(
+            "db_url could not be parsed: give a SQLAlchemy URL such as "
+            "'postgresql+asyncpg://user:password@host/dbname'."
+        ) from None
+
+
+def check_positive_number(name: str, value: object, *, allow_none: bool = False) -> float | None:
+    """A finite number above zero (bools refused), or ``None`` where that means 'off'."""
+    if value is None and allow_none:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidConfigurationError(
+            f"{name} must be a finite number of seconds greater than 0, not {value!r}."
+        )
+    return float(value)
+
+
+def check_positive_int(name: str, value: object) -> int | None:
+    """A whole number of at least 1 (bools refused), or ``None`` for 'no limit'."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidConfigurationError(
+            f"{name} must be a whole number of at least 1 (or None for no limit), not {value!r}."
+        )
+    return value

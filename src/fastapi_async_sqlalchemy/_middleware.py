@@ -1,0 +1,241 @@
+"""The ASGI middleware: binds a proxy to an engine and gives each request its scope."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from ._config import (
+    check_positive_int,
+    check_positive_number,
+    check_session_args,
+    check_url,
+    make_session_factory,
+)
+from ._proxy import Binding, DBSessionMeta, restore
+from ._request import WEBSOCKET_SCOPE_ENDED, RequestScope
+from ._scope import Scope, finalize
+from ._types import ASGIApp, ASGIScope, Message, Receive, Send
+from .exceptions import InvalidConfigurationError
+
+logger = logging.getLogger("fastapi_async_sqlalchemy.middleware")
+
+_LIFESPAN_ENDS = frozenset(
+    {"lifespan.shutdown.complete", "lifespan.shutdown.failed", "lifespan.startup.failed"}
+)
+
+
+class BaseSQLAlchemyMiddleware:
+    """Pure ASGI middleware giving every request and websocket connection a session scope.
+
+    Subclasses made by ``create_middleware_and_session_proxy()`` set ``proxy``; use those
+    (``SQLAlchemyMiddleware`` is one), not this class directly.
+    """
+
+    proxy: ClassVar[DBSessionMeta]
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        db_url: str | URL | None = None,
+        custom_engine: AsyncEngine | None = None,
+        engine_args: Mapping[str, Any] | None = None,
+        session_args: Mapping[str, Any] | None = None,
+        commit_on_exit: bool = False,
+        exclude_paths: Iterable[str] | None = None,
+        pool_warn_threshold: float | None = None,
+        pool_warn_interval: float = 10.0,
+        max_concurrent_requests: int | None = None,
+        request_queue_timeout: float = 0.1,
+    ) -> None:
+        # Every check comes before anything is allocated: a refused construction leaves no
+        # engine, no pool, and the proxy as it was.
+        url = _check_engine_source(db_url, custom_engine, engine_args)
+        self.session_args = check_session_args(session_args)
+        self.exclude_paths = _check_exclude_paths(exclude_paths)
+        self.pool_warn_threshold = _check_threshold(pool_warn_threshold)
+        self.pool_warn_interval = check_positive_number("pool_warn_interval", pool_warn_interval)
+        self.max_concurrent_requests = check_positive_int(
+            "max_concurrent_requests", max_concurrent_requests
+        )
+        self.request_queue_timeout = check_positive_number(
+            "request_queue_timeout", request_queue_timeout
+        )
+        self.commit_on_exit = bool(commit_on_exit)
+        self.proxy._check_bindable(custom_engine)
+
+        self.app = app
+        if custom_engine is not None:
+            self.engine = custom_engine
+            self.engine_owned = False
+        else:
+            self.engine = _create_engine(url, engine_args)  # type: ignore[arg-type]
+            self.engine_owned = True
+        self._binding = Binding(
+            self.engine, make_session_factory(self.engine, self.session_args), self
+        )
+        self.proxy._bind(self._binding)
+        self._disposed = False
+
+    def should_commit(self, status_code: int) -> bool:
+        """Whether a request that ended with ``status_code`` commits (with ``commit_on_exit``).
+
+        Commits below 400, so a handled ``HTTPException`` does not commit half a request.
+        Override in a subclass to change the rule.
+        """
+        return status_code < 400
+
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if scope["path"] in self.exclude_paths:
+                await self.app(scope, receive, send)
+                return
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
+        request = RequestScope(self._binding.factory, send, self.commit_on_exit, self.should_commit)
+        var = self.proxy._var
+        token = var.set(request)
+        try:
+            await self.app(scope, receive, request.send)
+        except BaseException:
+            await request.app_raised()
+            raise
+        else:
+            await request.app_returned()
+        finally:
+            restore(var, token, request)
+
+    async def _websocket(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
+        connection = Scope(self._binding.factory)
+        var = self.proxy._var
+        token = var.set(connection)
+        try:
+            await self.app(scope, receive, send)
+        except BaseException:
+            session = connection.end(WEBSOCKET_SCOPE_ENDED)
+            if session is not None:
+                await finalize(session, commit=False)
+            raise
+        else:
+            session = connection.end(WEBSOCKET_SCOPE_ENDED)
+            if session is not None:
+                await finalize(session, commit=self.commit_on_exit)
+        finally:
+            restore(var, token, connection)
+
+    async def _lifespan(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
+        async def receive_startup() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                # A later lifespan cycle of the same app binds the proxy again.
+                self.proxy._bind(self._binding)
+                self._disposed = False
+            return message
+
+        async def send_and_dispose(message: Message) -> None:
+            if message["type"] in _LIFESPAN_ENDS:
+                try:
+                    await self.dispose()
+                except Exception:
+                    logger.exception("Disposing the database engine at lifespan end failed")
+            await send(message)
+
+        await self.app(scope, receive_startup, send_and_dispose)
+
+    async def dispose(self) -> None:
+        """Unbind the proxy and release the engine this middleware created.
+
+        Call it where no ASGI lifespan ends the app (scripts, ad-hoc tests). It does nothing more
+        once it has succeeded, and really retries after it raised. A ``custom_engine`` is never
+        disposed: its creator owns it.
+        """
+        self.proxy._unbind(self)
+        if self.engine_owned and not self._disposed:
+            await self.engine.dispose()
+            self._disposed = True
+
+
+def _check_engine_source(
+    db_url: object, custom_engine: object, engine_args: Mapping[str, Any] | None
+) -> URL | None:
+    if db_url is None and custom_engine is None:
+        raise InvalidConfigurationError(
+            "SQLAlchemyMiddleware needs db_url (it then creates and owns the engine) or "
+            "custom_engine (an AsyncEngine you own); neither was given."
+        )
+    if db_url is not None and custom_engine is not None:
+        raise InvalidConfigurationError(
+            "Give either db_url or custom_engine, not both: with custom_engine the middleware "
+            "uses your engine and never creates one."
+        )
+    if custom_engine is not None:
+        if not isinstance(custom_engine, AsyncEngine):
+            raise InvalidConfigurationError(
+                "custom_engine must be an AsyncEngine (from create_async_engine()), "
+                f"not {type(custom_engine).__name__}."
+            )
+        if engine_args:
+            raise InvalidConfigurationError(
+                "engine_args only apply with db_url: pass them to create_async_engine() when "
+                "you create custom_engine."
+            )
+        return None
+    if engine_args is not None and not isinstance(engine_args, Mapping):
+        raise InvalidConfigurationError(
+            "engine_args must be a dict of create_async_engine() keyword arguments, "
+            f"not {type(engine_args).__name__}."
+        )
+    return check_url(db_url)
+
+
+def _create_engine(url: URL, engine_args: Mapping[str, Any] | None) -> AsyncEngine:
+    try:
+        return create_async_engine(url, **(engine_args or {}))
+    except TypeError as exc:
+        # SQLAlchemy's message names the argument; the URL (and its password) is not in it.
+        raise InvalidConfigurationError(
+            f"engine_args: {exc} Pass only create_async_engine() keywords the dialect accepts."
+        ) from None
+
+
+def _check_exclude_paths(paths: object) -> frozenset[str]:
+    if paths is None:
+        return frozenset()
+    if isinstance(paths, str | bytes) or not isinstance(paths, Iterable):
+        raise InvalidConfigurationError(
+            f"exclude_paths must be a list of paths such as ['/health'], not {paths!r}."
+        )
+    result = frozenset(paths)
+    bad = sorted(repr(path) for path in result if not isinstance(path, str))
+    if bad:
+        raise InvalidConfigurationError(
+            f"exclude_paths must hold path strings such as '/health', not {', '.join(bad)}."
+        )
+    return result
+
+
+def _check_threshold(threshold: object) -> float | None:
+    if threshold is None:
+        return None
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not 0 < threshold <= 1
+    ):
+        raise InvalidConfigurationError(
+            "pool_warn_threshold must be a fraction of the pool in (0, 1], such as 0.8, "
+            f"not {threshold!r}."
+        )
+    return float(threshold)

@@ -1,0 +1,98 @@
+"""How a request's scope is opened, and how its session is finalized before the response.
+
+The request's session is created lazily (a request that never reads ``db.session`` gets none).
+If one was created, ``http.response.start`` is held back until the final body chunk (or
+``http.response.pathsend``) arrives; the session is finalized then and only then is the response
+forwarded, so a failed commit can never reach the client as a success.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ._scope import Scope, SessionFactory, finalize, owner_holds_transaction
+from ._types import Message, Send
+
+REQUEST_SCOPE_ENDED = (
+    "The request's session was finalized before its response was sent: background tasks, "
+    "streaming bodies and dependency teardowns that need the database must open their own "
+    "session with `async with db():`."
+)
+
+WEBSOCKET_SCOPE_ENDED = (
+    "The websocket connection's session was finalized when the connection ended: open a new "
+    "session with `async with db():` where it is needed."
+)
+
+
+class RequestScope(Scope):
+    """The scope of one HTTP request; its :meth:`send` wraps the server's ``send``."""
+
+    __slots__ = ("_commit_on_exit", "_forwarding", "_held", "_send", "_should_commit")
+
+    def __init__(
+        self,
+        factory: SessionFactory,
+        send: Send,
+        commit_on_exit: bool,
+        should_commit: Callable[[int], bool],
+    ) -> None:
+        super().__init__(factory)
+        self._send = send
+        self._held: Message | None = None  # http.response.start, while the session is open
+        self._forwarding = False  # the response is on its way: pass every message through
+        self._commit_on_exit = commit_on_exit
+        self._should_commit = should_commit
+
+    async def send(self, message: Message) -> None:
+        if self._forwarding:
+            await self._send(message)
+            return
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self.session is None:
+                # Nothing to finalize: end the scope and let the response through untouched.
+                self.end(REQUEST_SCOPE_ENDED)
+                self._forwarding = True
+                await self._send(message)
+            else:
+                self._held = message
+            return
+        if kind == "http.response.body" or kind == "http.response.pathsend":
+            await self._respond()
+        await self._send(message)
+
+    async def _respond(self) -> None:
+        """The body starts: finalize the session, then release the held response start."""
+        held, self._held = self._held, None
+        self._forwarding = True
+        session = self.session
+        if session is not None and owner_holds_transaction(session):
+            # Left to the code that began it; app_returned() makes sure it was ended.
+            pass
+        else:
+            self.end(REQUEST_SCOPE_ENDED)
+            if session is not None:
+                commit = self._commit_on_exit and held is not None
+                if commit:
+                    commit = self._should_commit(held["status"])  # type: ignore[index]
+                await finalize(session, commit=commit)
+        if held is not None:
+            await self._send(held)
+
+    async def app_raised(self) -> None:
+        """The app raised: roll back and close; a held response start is dropped."""
+        self._held = None
+        session = self.end(REQUEST_SCOPE_ENDED)
+        if session is not None:
+            await finalize(session, commit=False)
+
+    async def app_returned(self) -> None:
+        """The app returned: anything still open (no response sent, or a transaction its owner
+        never ended) is rolled back, since no response can report it any more."""
+        session = self.end(REQUEST_SCOPE_ENDED)
+        if session is not None:
+            await finalize(session, commit=False)
+        held, self._held = self._held, None
+        if held is not None:
+            await self._send(held)

@@ -1,0 +1,128 @@
+"""A session scope: where its session is created, and how that session is finalized.
+
+A scope (a request, a websocket connection, an ``async with db():`` block) creates its session
+lazily, in :meth:`Scope.open`, the first time ``db.session`` is read inside it. When the scope
+ends, :func:`finalize` commits or rolls back and closes that session. These are the only two
+places where a scope's session begins and ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import SessionTransactionOrigin
+
+from .exceptions import SessionFinalizedError
+
+try:  # SQLAlchemy >= 2.0.22: a closed session can be made unusable for good.
+    from sqlalchemy.orm.session import _SessionCloseState
+
+    _CLOSE_IS_RESET: object = _SessionCloseState.CLOSE_IS_RESET
+    _CLOSED: object = _SessionCloseState.CLOSED
+except ImportError:  # pragma: no cover - older SQLAlchemy keeps reusable sessions
+    _CLOSE_IS_RESET = _CLOSED = None
+
+T = TypeVar("T")
+
+SessionFactory = Callable[[], AsyncSession]
+
+
+class Scope:
+    """One lazily opened session and the reason it can no longer be opened, once ended.
+
+    ``session`` is read on every ``db.session`` access, so it is a plain slot: the proxy returns
+    it when set and calls :meth:`open` otherwise.
+    """
+
+    __slots__ = ("ended", "factory", "session")
+
+    def __init__(self, factory: SessionFactory) -> None:
+        self.session: AsyncSession | None = None
+        self.factory = factory
+        self.ended: str | None = None  # the message for SessionFinalizedError, once ended
+
+    def open(self) -> AsyncSession:
+        """Create the scope's session, unless the scope has ended."""
+        if self.ended is not None:
+            raise SessionFinalizedError(self.ended)
+        session = self.session = self.factory()
+        return session
+
+    def end(self, reason: str) -> AsyncSession | None:
+        """Close the scope to new sessions and hand back the session to finalize, if any."""
+        session, self.session, self.ended = self.session, None, reason
+        return session
+
+
+def owner_holds_transaction(session: AsyncSession) -> bool:
+    """True while a transaction begun explicitly (``session.begin()``) is still open.
+
+    Such a transaction belongs to the code that began it (say a FastAPI ``yield`` dependency
+    that commits in its teardown): the middleware must neither commit nor roll it back.
+    """
+    transaction = session.sync_session.get_transaction()
+    return (
+        transaction is not None
+        and transaction.origin is SessionTransactionOrigin.BEGIN
+        and transaction.is_active
+    )
+
+
+async def finalize(session: AsyncSession, *, commit: bool) -> None:
+    """Commit (when asked) or roll back, then close for good.
+
+    A failed commit propagates after the session is rolled back and closed. The rollback and the
+    close run to completion even when the caller is cancelled, so a cancelled request never keeps
+    its connection checked out.
+    """
+    if commit:
+        try:
+            await session.commit()
+        except BaseException:
+            await run_to_completion(_close, session)
+            raise
+    await run_to_completion(_close, session)
+
+
+async def _close(session: AsyncSession) -> None:
+    sync_session = session.sync_session
+    if sync_session.get_transaction() is None:
+        # Nothing to release: closing is only bookkeeping, no need for a greenlet.
+        sync_session.close()
+    else:
+        await session.close()
+    if _CLOSED is not None and getattr(sync_session, "_close_state", None) is _CLOSE_IS_RESET:
+        # Terminal: a reference kept past the scope raises instead of quietly checking out a
+        # connection that nobody would ever return.
+        sync_session._close_state = _CLOSED  # type: ignore[assignment]
+
+
+async def run_to_completion(
+    function: Callable[[AsyncSession], Coroutine[Any, Any, T]], session: AsyncSession
+) -> T:
+    """Await ``function(session)`` to its end even if the caller is cancelled meanwhile.
+
+    The work runs in its own task; a cancellation of the caller is held back until that task is
+    done and then re-raised, so cleanup is never cut short and cancellation is never lost.
+    When no transaction is open there is nothing that could be cut short, so the work is just
+    awaited.
+    """
+    if session.sync_session.get_transaction() is None:
+        return await function(session)
+    task = asyncio.ensure_future(function(session))
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            if task.done():
+                break
+            cancelled = exc
+    if cancelled is not None:
+        if not task.cancelled() and task.exception() is not None:
+            raise cancelled from task.exception()
+        raise cancelled
+    return task.result()

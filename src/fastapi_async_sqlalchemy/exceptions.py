@@ -1,0 +1,116 @@
+"""Errors raised by fastapi-async-sqlalchemy.
+
+Every error the library raises itself derives from one base class::
+
+    FastAPIAsyncSQLAlchemyError
+    ├── MissingSessionError            no session scope is active here
+    ├── SessionNotInitialisedError     no middleware has bound the proxy yet
+    ├── InvalidConfigurationError      (also ValueError) a bad argument, refused up front
+    ├── SessionFinalizedError          (also RuntimeError) a finished scope's session was used
+    ├── ProxyBindingError              (also RuntimeError) a second engine for one proxy
+    ├── ConcurrencyError               (also RuntimeError) misuse of multi-session mode
+    └── PoolTimeoutError               (also TimeoutError) no connection within the deadline
+
+Each message is one sentence that says what to do about it. Errors of SQLAlchemy and of the
+database driver (``IntegrityError``, ``OperationalError``, ...) are never wrapped: they reach the
+caller as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ConcurrencyError",
+    "FastAPIAsyncSQLAlchemyError",
+    "InvalidConfigurationError",
+    "MissingSessionError",
+    "PoolTimeoutError",
+    "ProxyBindingError",
+    "SessionFinalizedError",
+    "SessionNotInitialisedError",
+]
+
+
+class FastAPIAsyncSQLAlchemyError(Exception):
+    """Base class of every error raised by fastapi-async-sqlalchemy itself."""
+
+
+class MissingSessionError(FastAPIAsyncSQLAlchemyError):
+    """Raised when ``db.session`` is used where no session scope is active.
+
+    A scope is opened by the middleware for each request, or explicitly by ``async with db():``.
+    """
+
+    def __init__(
+        self,
+        message: str = (
+            "No session scope is active here: code outside a request (startup hooks, scripts, "
+            "workers, tests) must open one with `async with db():`."
+        ),
+    ) -> None:
+        super().__init__(message)
+
+
+class SessionNotInitialisedError(FastAPIAsyncSQLAlchemyError):
+    """Raised when the proxy is used before any middleware has bound it to an engine."""
+
+    def __init__(
+        self,
+        message: str = (
+            "The session proxy is not bound to an engine yet: add SQLAlchemyMiddleware to the "
+            "app and start it (or construct the middleware) before using the database."
+        ),
+    ) -> None:
+        super().__init__(message)
+
+
+class InvalidConfigurationError(FastAPIAsyncSQLAlchemyError, ValueError):
+    """Raised at construction time for an argument that cannot work; the message names it."""
+
+
+class SessionFinalizedError(FastAPIAsyncSQLAlchemyError, RuntimeError):
+    """Raised when the session of a scope that has already ended is used.
+
+    The request's session is finalized before the response is sent, so background tasks and
+    streaming bodies must open their own scope with ``async with db():``.
+    """
+
+
+class ProxyBindingError(FastAPIAsyncSQLAlchemyError, RuntimeError):
+    """Raised when a proxy that is bound to a live engine is asked to bind another one."""
+
+
+class ConcurrencyError(FastAPIAsyncSQLAlchemyError, RuntimeError):
+    """Raised when multi-session work is used in a way that cannot be made safe."""
+
+
+class PoolTimeoutError(FastAPIAsyncSQLAlchemyError, TimeoutError):
+    """Raised when no database connection could be had within the configured deadline.
+
+    ``timeout`` is the deadline in seconds, ``retry_after`` a hint in seconds for clients, and
+    ``pool_status`` the pool snapshot taken when the deadline passed (see ``db.pool_status()``).
+    """
+
+    def __init__(
+        self,
+        timeout: float | None = None,
+        retry_after: int = 1,
+        pool_status: dict[str, Any] | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self.pool_status = pool_status
+        within = f"within {timeout:g}s" if timeout is not None else "within the deadline"
+        usage = ""
+        if pool_status and pool_status.get("capacity") is not None:
+            usage = (
+                f" ({pool_status['checked_out']}/{pool_status['capacity']} connections checked out)"
+            )
+        super().__init__(
+            f"No database connection could be checked out {within}{usage}: raise the pool "
+            "size or the deadline, or hold connections for less time."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.timeout, self.retry_after, self.pool_status))
