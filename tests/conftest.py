@@ -1,0 +1,142 @@
+"""Shared fixtures: the three databases, a fresh table, and an app driven in-process.
+
+Every behaviour test takes the ``database`` fixture and so runs on SQLite (aiosqlite), PostgreSQL
+(asyncpg) and MariaDB (asyncmy). Server URLs come from ``TEST_POSTGRES_URL`` and
+``TEST_MARIADB_URL``. A server that cannot be reached skips its tests on a developer's machine
+and fails them in CI (``CI`` set), so a green CI always means all three databases were tested.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+SERVER_URLS = {
+    "postgresql": os.environ.get(
+        "TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+    ),
+    "mariadb": os.environ.get("TEST_MARIADB_URL", "mysql+asyncmy://root@127.0.0.1:3306/test"),
+}
+
+metadata = MetaData()
+items = Table(
+    "items",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("name", String(50), unique=True),
+)
+
+
+@dataclass
+class Database:
+    """One of the three test databases, with a freshly created ``items`` table."""
+
+    name: str
+    url: str
+    check: AsyncEngine  # a NullPool engine for looking at what was really committed
+
+    async def names(self) -> list[str]:
+        """The names of the committed rows of ``items``, sorted."""
+        async with self.check.connect() as connection:
+            result = await connection.execute(select(items.c.name).order_by(items.c.name))
+            return [row[0] for row in result]
+
+    async def count(self) -> int:
+        async with self.check.connect() as connection:
+            return (await connection.execute(select(func.count()).select_from(items))).scalar_one()
+
+    async def insert(self, *names: str) -> None:
+        async with self.check.begin() as connection:
+            for name in names:
+                await connection.execute(items.insert().values(id=_next_id(), name=name))
+
+
+_ids = iter(range(1, 10**9))
+
+
+def _next_id() -> int:
+    return next(_ids)
+
+
+def new_item(name: str) -> Any:
+    """An INSERT of one row named ``name`` (ids are unique across the test run)."""
+    return items.insert().values(id=_next_id(), name=name)
+
+
+_reachable: dict[str, bool] = {}
+
+
+def _server_reachable(url: str) -> bool:
+    parsed = make_url(url)
+    key = f"{parsed.host}:{parsed.port}"
+    if key not in _reachable:
+        try:
+            with socket.create_connection((parsed.host or "127.0.0.1", parsed.port or 0), 2):
+                _reachable[key] = True
+        except OSError:
+            _reachable[key] = False
+    return _reachable[key]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    name: str = request.param
+    if name == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'test.sqlite3'}"
+    url = SERVER_URLS[name]
+    if not _server_reachable(url):
+        message = f"{name} is not reachable at {make_url(url).render_as_string()}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}: CI must test every database")
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    """A database with an empty ``items`` table; dropped again after the test."""
+    check = create_async_engine(database_url, poolclass=NullPool)
+    async with check.begin() as connection:
+        await connection.run_sync(metadata.drop_all)
+        await connection.run_sync(metadata.create_all)
+    name = make_url(database_url).get_backend_name()
+    yield Database("mariadb" if name == "mysql" else name, database_url, check)
+    async with check.begin() as connection:
+        await connection.run_sync(metadata.drop_all)
+    await check.dispose()
+
+
+@asynccontextmanager
+async def serve(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """Run ``app``'s lifespan and give a client that calls it in-process.
+
+    Server errors come back as 500 responses, as a real server would send them.
+    """
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+@pytest.fixture
+def client_for() -> Callable[[Any], Any]:
+    """``async with client_for(app) as client:`` (see :func:`serve`)."""
+    return serve
