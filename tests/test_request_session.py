@@ -11,8 +11,8 @@ from conftest import Database, new_item, serve
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from sqlalchemy import event, text
-from starlette.background import BackgroundTask
 from sqlalchemy.exc import IntegrityError
+from starlette.background import BackgroundTask
 
 from fastapi_async_sqlalchemy import (
     MissingSessionError,
