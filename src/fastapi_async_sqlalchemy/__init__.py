@@ -4,6 +4,7 @@ from ._factory import SQLAlchemyMiddleware, create_middleware_and_session_proxy,
 from ._proxy import DBSessionMeta
 from .exceptions import (
     ConcurrencyError,
+    CoroutineRequiredError,
     FastAPIAsyncSQLAlchemyError,
     InvalidConfigurationError,
     MissingSessionError,
@@ -19,6 +20,7 @@ __version__ = "0.9.0"
 
 __all__ = [
     "ConcurrencyError",
+    "CoroutineRequiredError",
     "DBSessionMeta",
     "DBSessionType",
     "FastAPIAsyncSQLAlchemyError",

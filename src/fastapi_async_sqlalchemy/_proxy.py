@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
+from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from ._config import check_session_args, make_session_factory
+from ._config import (
+    check_positive_int,
+    check_positive_number,
+    check_session_args,
+    make_session_factory,
+)
+from ._multi import (
+    MULTI_SCOPE_ENDED,
+    BorrowedSession,
+    MultiScope,
+    SlotContext,
+    gather_children,
+    open_within,
+)
+from ._pool import pool_status
 from ._scope import Scope, SessionFactory, finalize
-from .exceptions import MissingSessionError, ProxyBindingError, SessionNotInitialisedError
+from .exceptions import (
+    InvalidConfigurationError,
+    MissingSessionError,
+    ProxyBindingError,
+    SessionNotInitialisedError,
+)
 
 _proxy_numbers = itertools.count(1)
 
@@ -93,8 +114,67 @@ class DBSessionMeta:
 
         The block's session is created on first use of ``db.session`` and, when the block ends,
         committed (with ``commit_on_exit`` and no exception) or rolled back, then closed.
+
+        ``multi_sessions=True`` gives each task its own session (see ``db.gather()`` and
+        ``db.connection()``); ``max_concurrent`` caps how many run at once; ``pool_timeout`` is
+        a deadline in seconds for getting a connection (and a slot).
         """
-        return ExplicitScope(self, check_session_args(session_args), bool(commit_on_exit))
+        if not isinstance(multi_sessions, bool):
+            raise InvalidConfigurationError(
+                f"multi_sessions must be True or False, not {multi_sessions!r}."
+            )
+        limit = check_positive_int("max_concurrent", max_concurrent)
+        if limit is not None and not multi_sessions:
+            raise InvalidConfigurationError(
+                "max_concurrent limits the sessions of concurrent tasks and so needs "
+                "multi_sessions=True: pass both, or drop max_concurrent."
+            )
+        return ExplicitScope(
+            self,
+            check_session_args(session_args),
+            bool(commit_on_exit),
+            multi_sessions,
+            limit,
+            check_positive_number("pool_timeout", pool_timeout, allow_none=True),
+        )
+
+    def connection(self, timeout: float | None = None) -> AbstractAsyncContextManager[AsyncSession]:
+        """``async with db.connection() as session:`` a session owned by that block.
+
+        In a multi-session block it is a fresh session that takes a ``max_concurrent`` slot and
+        is committed (with ``commit_on_exit``) or rolled back and closed when the block ends.
+        Elsewhere it lends the current session and leaves it open. ``timeout`` (default: the
+        block's ``pool_timeout``) bounds the wait for the slot and the connection.
+        """
+        limit = check_positive_number("timeout", timeout, allow_none=True)
+        scope = self._var.get()
+        if scope is None:
+            raise self._no_scope_error()
+        if isinstance(scope, MultiScope):
+            if limit is None:
+                limit = scope.pool_timeout
+            if scope.holds_slot():
+                return BorrowedSession(scope.open(), limit)
+            return SlotContext(scope, limit)
+        return BorrowedSession(self.session, limit)
+
+    async def gather(self, *aws: Awaitable[Any], return_exceptions: bool = False) -> list[Any]:
+        """Like ``asyncio.gather()``; in a multi-session block each coroutine gets its session.
+
+        There, each coroutine's session is finalized as soon as it finishes, so once this
+        returns every one of them is committed (with ``commit_on_exit``) or rolled back. With
+        ``max_concurrent`` or ``pool_timeout`` each also takes a slot, and only coroutines are
+        accepted.
+        """
+        scope = self._var.get()
+        if isinstance(scope, MultiScope):
+            return await gather_children(scope, aws, return_exceptions)
+        return list(await asyncio.gather(*aws, return_exceptions=return_exceptions))
+
+    def pool_status(self) -> dict[str, Any]:
+        """A snapshot of the pool: ``pool_class``, ``size``, ``max_overflow``, ``capacity``,
+        ``checked_in``, ``checked_out``, ``available`` and ``saturation``."""
+        return pool_status(self._require_binding().engine)
 
     # -- binding, done by the middleware -------------------------------------------------------
 
@@ -140,20 +220,54 @@ class ExplicitScope:
     the scope that was current before. ``async with db() as x`` gives back the proxy, as 0.8 did.
     """
 
-    __slots__ = ("_commit_on_exit", "_entered", "_proxy", "_session_args")
+    __slots__ = (
+        "_commit_on_exit",
+        "_entered",
+        "_max_concurrent",
+        "_multi",
+        "_pool_timeout",
+        "_proxy",
+        "_session_args",
+    )
 
     def __init__(
-        self, proxy: DBSessionMeta, session_args: dict[str, Any], commit_on_exit: bool
+        self,
+        proxy: DBSessionMeta,
+        session_args: dict[str, Any],
+        commit_on_exit: bool,
+        multi: bool,
+        max_concurrent: int | None,
+        pool_timeout: float | None,
     ) -> None:
         self._proxy = proxy
         self._session_args = session_args
         self._commit_on_exit = commit_on_exit
+        self._multi = multi
+        self._max_concurrent = max_concurrent
+        self._pool_timeout = pool_timeout
         self._entered: list[tuple[Scope, Token[Scope | None]]] = []
 
     async def __aenter__(self) -> DBSessionMeta:
-        scope = Scope(self._proxy._factory(self._session_args))
-        self._entered.append((scope, self._proxy._var.set(scope)))
-        return self._proxy
+        proxy = self._proxy
+        factory = proxy._factory(self._session_args)
+        scope: Scope
+        if self._multi:
+            scope = MultiScope(
+                factory,
+                proxy._require_binding().engine,
+                self._commit_on_exit,
+                self._max_concurrent,
+                self._pool_timeout,
+            )
+        else:
+            scope = Scope(factory)
+            if self._pool_timeout is not None:
+                # The deadline is for getting a connection, so get it now.
+                scope.session = await open_within(
+                    factory, proxy._require_binding().engine, self._pool_timeout
+                )
+        self._entered.append((scope, proxy._var.set(scope)))
+        return proxy
 
     async def __aexit__(
         self,
@@ -163,9 +277,12 @@ class ExplicitScope:
     ) -> None:
         scope, token = self._entered.pop()
         try:
-            session = scope.end(EXPLICIT_SCOPE_ENDED)
-            if session is not None:
-                await finalize(session, commit=self._commit_on_exit and exc_type is None)
+            if isinstance(scope, MultiScope):
+                await scope.finish(exc, MULTI_SCOPE_ENDED)
+            else:
+                session = scope.end(EXPLICIT_SCOPE_ENDED)
+                if session is not None:
+                    await finalize(session, commit=self._commit_on_exit and exc_type is None)
         finally:
             restore(self._proxy._var, token, scope)
 

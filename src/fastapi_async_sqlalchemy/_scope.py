@@ -82,37 +82,31 @@ async def finalize(session: AsyncSession, *, commit: bool) -> None:
         try:
             await session.commit()
         except BaseException:
-            await run_to_completion(_close, session)
+            await _close(session)
             raise
-    await run_to_completion(_close, session)
+    await _close(session)
 
 
 async def _close(session: AsyncSession) -> None:
     sync_session = session.sync_session
     if sync_session.get_transaction() is None:
-        # Nothing to release: closing is only bookkeeping, no need for a greenlet.
+        # Nothing to release, so nothing a cancellation could cut short: bookkeeping only.
         sync_session.close()
     else:
-        await session.close()
+        await run_to_completion(session.close())
     if _CLOSED is not None and getattr(sync_session, "_close_state", None) is _CLOSE_IS_RESET:
         # Terminal: a reference kept past the scope raises instead of quietly checking out a
         # connection that nobody would ever return.
         sync_session._close_state = _CLOSED  # type: ignore[assignment]
 
 
-async def run_to_completion(
-    function: Callable[[AsyncSession], Coroutine[Any, Any, T]], session: AsyncSession
-) -> T:
-    """Await ``function(session)`` to its end even if the caller is cancelled meanwhile.
+async def run_to_completion(work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` to its end even if the caller is cancelled meanwhile.
 
     The work runs in its own task; a cancellation of the caller is held back until that task is
     done and then re-raised, so cleanup is never cut short and cancellation is never lost.
-    When no transaction is open there is nothing that could be cut short, so the work is just
-    awaited.
     """
-    if session.sync_session.get_transaction() is None:
-        return await function(session)
-    task = asyncio.ensure_future(function(session))
+    task = asyncio.ensure_future(work)
     cancelled: asyncio.CancelledError | None = None
     while not task.done():
         try:

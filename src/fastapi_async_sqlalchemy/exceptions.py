@@ -9,6 +9,7 @@ Every error the library raises itself derives from one base class::
     ├── SessionFinalizedError          (also RuntimeError) a finished scope's session was used
     ├── ProxyBindingError              (also RuntimeError) a second engine for one proxy
     ├── ConcurrencyError               (also RuntimeError) misuse of multi-session mode
+    ├── CoroutineRequiredError         (also TypeError) a task given to a throttled db.gather()
     └── PoolTimeoutError               (also TimeoutError) no connection within the deadline
 
 Each message is one sentence that says what to do about it. Errors of SQLAlchemy and of the
@@ -22,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "ConcurrencyError",
+    "CoroutineRequiredError",
     "FastAPIAsyncSQLAlchemyError",
     "InvalidConfigurationError",
     "MissingSessionError",
@@ -83,6 +85,14 @@ class ProxyBindingError(FastAPIAsyncSQLAlchemyError, RuntimeError):
 
 class ConcurrencyError(FastAPIAsyncSQLAlchemyError, RuntimeError):
     """Raised when multi-session work is used in a way that cannot be made safe."""
+
+
+class CoroutineRequiredError(FastAPIAsyncSQLAlchemyError, TypeError):
+    """Raised when a throttled ``db.gather()`` is given something other than coroutines.
+
+    A task or future may already be running outside any slot; a coroutine can be started inside
+    one.
+    """
 
 
 class PoolTimeoutError(FastAPIAsyncSQLAlchemyError, TimeoutError):

@@ -1,0 +1,335 @@
+"""Multi-session scopes: one session per task, optional slots and connection deadlines.
+
+Inside ``async with db(multi_sessions=True):`` each task that reads ``db.session`` gets a session
+of its own (a single ``AsyncSession`` must never be used by two tasks at once). Work run through
+``db.gather()`` or ``db.connection()`` is finalized in its own task, so awaiting it means it is
+committed (or rolled back) and closed. Sessions that tasks took directly are finalized when the
+block ends; tasks still running then are cancelled, and the user is told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Coroutine
+from types import TracebackType
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import TimeoutError as SQLAlchemyPoolTimeout
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from ._pool import pool_status
+from ._scope import Scope, SessionFactory, finalize, run_to_completion
+from .exceptions import (
+    ConcurrencyError,
+    CoroutineRequiredError,
+    PoolTimeoutError,
+    SessionFinalizedError,
+)
+
+T = TypeVar("T")
+
+MULTI_SCOPE_ENDED = (
+    "This `async with db(multi_sessions=True):` block has already ended: await every task that "
+    "uses the database (or run it with db.gather()) before the block ends."
+)
+
+
+class Child:
+    """The session of one task in a multi-session scope."""
+
+    __slots__ = ("managed", "session", "task")
+
+    def __init__(self, task: asyncio.Task[Any], managed: bool) -> None:
+        self.task = weakref.ref(task)
+        self.session: AsyncSession | None = None
+        # Run by db.connection()/db.gather(): holds a slot if there are slots, and is finalized
+        # in its own task. Otherwise the session was taken straight from db.session.
+        self.managed = managed
+
+
+class MultiScope(Scope):
+    """A scope whose ``session`` depends on the task asking for it."""
+
+    __slots__ = (
+        "by_task",
+        "commit_on_exit",
+        "engine",
+        "loose",
+        "managed",
+        "owner",
+        "pool_timeout",
+        "slots",
+    )
+
+    def __init__(
+        self,
+        factory: SessionFactory,
+        engine: AsyncEngine,
+        commit_on_exit: bool,
+        max_concurrent: int | None,
+        pool_timeout: float | None,
+    ) -> None:
+        super().__init__(factory)
+        self.engine = engine
+        self.commit_on_exit = commit_on_exit
+        self.slots = asyncio.Semaphore(max_concurrent) if max_concurrent is not None else None
+        self.pool_timeout = pool_timeout
+        self.owner = asyncio.current_task()
+        self.by_task: weakref.WeakKeyDictionary[asyncio.Task[Any], Child] = (
+            weakref.WeakKeyDictionary()
+        )
+        # Children whose sessions the block must finalize: those taken straight from db.session.
+        self.loose: list[Child] = []
+        # Children inside db.connection()/db.gather() right now: they finalize themselves.
+        self.managed: set[Child] = set()
+
+    @property
+    def throttled(self) -> bool:
+        """Whether children must run through db.connection()/db.gather()."""
+        return self.slots is not None or self.pool_timeout is not None
+
+    def open(self) -> AsyncSession:
+        if self.ended is not None:
+            raise SessionFinalizedError(self.ended)
+        task = _current_task()
+        child = self.by_task.get(task)
+        if child is None:
+            if self.throttled and task is not self.owner:
+                raise ConcurrencyError(
+                    "With max_concurrent or pool_timeout, a task reads db.session only inside "
+                    "`async with db.connection():` or as a coroutine passed to db.gather(), "
+                    "which give it a slot and a deadline."
+                )
+            child = self.by_task[task] = Child(task, managed=False)
+            self.loose.append(child)
+        session = child.session
+        if session is None:
+            session = child.session = self.factory()
+        return session
+
+    # -- slotted children: db.connection() and db.gather() --------------------------------------
+
+    def holds_slot(self) -> bool:
+        child = self.by_task.get(_current_task())
+        return self.slots is not None and child is not None and child.managed
+
+    async def enter_slot(self, deadline: float | None) -> tuple[Child, Child | None]:
+        """Take a slot (within ``deadline`` seconds) and make a fresh child current here."""
+        task = _current_task()
+        previous = self.by_task.get(task)
+        child = Child(task, managed=True)
+        if deadline is None:
+            if self.slots is not None:
+                await self.slots.acquire()
+        else:
+            child.session = await open_within(self.factory, self.engine, deadline, self.slots)
+        self.by_task[task] = child
+        self.managed.add(child)
+        return child, previous
+
+    async def leave_slot(self, child: Child, previous: Child | None, failed: bool) -> None:
+        """Finalize the child's session in its own task, give back the slot, restore."""
+        task = _current_task()
+        self.managed.discard(child)
+        try:
+            session, child.session = child.session, None
+            if session is not None:
+                await finalize(session, commit=self.commit_on_exit and not failed)
+        finally:
+            if self.slots is not None:
+                self.slots.release()
+            if previous is None:
+                self.by_task.pop(task, None)
+            else:
+                self.by_task[task] = previous
+
+    # -- the end of the block -------------------------------------------------------------------
+
+    async def finish(self, failed: BaseException | None, reason: str) -> None:
+        """Cancel children still running, then finalize every session the block handed out."""
+        self.end(reason)
+        return await run_to_completion(self._finish(failed))
+
+    async def _finish(self, failed: BaseException | None) -> None:
+        children, self.loose = self.loose, []
+        running = [
+            task
+            for child in (*children, *self.managed)
+            if (task := child.task()) is not None and task is not self.owner and not task.done()
+        ]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
+        errors: list[Exception] = []
+        for child in children:
+            session, child.session = child.session, None
+            if session is None:
+                continue
+            task = child.task()
+            commit = (
+                self.commit_on_exit
+                and failed is None
+                and not running
+                and (task is None or task is self.owner or not task.cancelled())
+            )
+            try:
+                await finalize(session, commit=commit)
+            except Exception as exc:
+                errors.append(exc)
+        if running:
+            message = (
+                f"{len(running)} task(s) still using the database when the multi-session block "
+                "ended were cancelled and their work rolled back: await them, or run them with "
+                "db.gather(), before the block ends."
+            )
+            if failed is not None:
+                failed.add_note(message)
+            else:
+                errors.insert(0, ConcurrencyError(message))
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise ExceptionGroup("finalizing the sessions of a multi-session block failed", errors)
+
+
+class SlotContext:
+    """``async with db.connection() as session:`` inside a multi-session block."""
+
+    __slots__ = ("_child", "_previous", "_scope", "_timeout")
+
+    def __init__(self, scope: MultiScope, timeout: float | None) -> None:
+        self._scope = scope
+        self._timeout = timeout
+        self._child: Child | None = None
+        self._previous: Child | None = None
+
+    async def __aenter__(self) -> AsyncSession:
+        scope = self._scope
+        if scope.ended is not None:
+            raise SessionFinalizedError(scope.ended)
+        child, self._previous = await scope.enter_slot(self._timeout)
+        self._child = child
+        session = child.session
+        if session is None:
+            session = child.session = scope.factory()
+        return session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        child, self._child = self._child, None
+        assert child is not None
+        await self._scope.leave_slot(child, self._previous, failed=exc_type is not None)
+
+
+class BorrowedSession:
+    """``db.connection()`` where a session is already at hand: lends it, never closes it."""
+
+    __slots__ = ("_session", "_timeout")
+
+    def __init__(self, session: AsyncSession, timeout: float | None) -> None:
+        self._session = session
+        self._timeout = timeout
+
+    async def __aenter__(self) -> AsyncSession:
+        if self._timeout is None:
+            return self._session
+        return await borrow_within(self._session, self._timeout)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+async def open_within(
+    factory: SessionFactory,
+    engine: AsyncEngine,
+    deadline: float,
+    slots: asyncio.Semaphore | None = None,
+) -> AsyncSession:
+    """A new session holding a connection (and a slot, if any), got within ``deadline`` s.
+
+    On failure nothing stays taken, and running out of time raises ``PoolTimeoutError``.
+    """
+    session = factory()
+    acquired = False
+    try:
+        async with asyncio.timeout(deadline):
+            if slots is not None:
+                await slots.acquire()
+                acquired = True
+            await session.connection()
+    except BaseException as exc:
+        await finalize(session, commit=False)
+        if acquired:
+            slots.release()  # type: ignore[union-attr]
+        if isinstance(exc, TimeoutError | SQLAlchemyPoolTimeout):
+            raise PoolTimeoutError(deadline, pool_status=pool_status(engine)) from exc
+        raise
+    return session
+
+
+async def borrow_within(session: AsyncSession, deadline: float) -> AsyncSession:
+    """Make ``session`` hold its connection, got within ``deadline`` seconds."""
+    try:
+        async with asyncio.timeout(deadline):
+            await session.connection()
+    except (TimeoutError, SQLAlchemyPoolTimeout) as exc:
+        engine = session.bind
+        status = pool_status(engine) if isinstance(engine, AsyncEngine) else None
+        raise PoolTimeoutError(deadline, pool_status=status) from exc
+    return session
+
+
+async def gather_children(
+    scope: MultiScope, aws: tuple[Awaitable[Any], ...], return_exceptions: bool
+) -> list[Any]:
+    """``db.gather()`` in a multi-session block: each coroutine runs as a slotted child."""
+    if scope.throttled:
+        bad = [aw for aw in aws if not asyncio.iscoroutine(aw)]
+        if bad or scope.holds_slot():
+            for aw in aws:
+                if asyncio.iscoroutine(aw):
+                    aw.close()
+        if bad:
+            kinds = ", ".join(sorted({type(aw).__name__ for aw in bad}))
+            raise CoroutineRequiredError(
+                f"db.gather() with max_concurrent or pool_timeout takes coroutines, not {kinds}: "
+                "pass `work()` rather than `asyncio.create_task(work())`, so each runs in a slot."
+            )
+        if scope.holds_slot():
+            raise ConcurrencyError(
+                "db.gather() was called from a task that holds a max_concurrent slot and would "
+                "wait for slots its own caller holds: call db.gather() from the block itself, or "
+                "await the coroutines one by one in this slot."
+            )
+    wrapped = [_child(scope, aw) if asyncio.iscoroutine(aw) else aw for aw in aws]
+    return await asyncio.gather(*wrapped, return_exceptions=return_exceptions)
+
+
+async def _child(scope: MultiScope, work: Coroutine[Any, Any, T]) -> T:
+    try:
+        child, previous = await scope.enter_slot(scope.pool_timeout)
+    except BaseException:
+        work.close()
+        raise
+    failed = True
+    try:
+        result = await work
+        failed = False
+    finally:
+        await scope.leave_slot(child, previous, failed=failed)
+    return result
+
+
+def _current_task() -> asyncio.Task[Any]:
+    task = asyncio.current_task()
+    if task is None:
+        raise ConcurrencyError(
+            "db.session in a multi-session block must be read from an asyncio task."
+        )
+    return task
