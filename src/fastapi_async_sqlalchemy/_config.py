@@ -95,10 +95,8 @@ def check_url(db_url: object) -> URL:
         ) from None
 
 
-def check_positive_number(name: str, value: object, *, allow_none: bool = False) -> float | None:
-    """A finite number above zero (bools refused), or ``None`` where that means 'off'."""
-    if value is None and allow_none:
-        return None
+def check_seconds(name: str, value: object) -> float:
+    """A finite number of seconds above zero (bools refused)."""
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
@@ -109,6 +107,11 @@ def check_positive_number(name: str, value: object, *, allow_none: bool = False)
             f"{name} must be a finite number of seconds greater than 0, not {value!r}."
         )
     return float(value)
+
+
+def check_optional_seconds(name: str, value: object) -> float | None:
+    """Like :func:`check_seconds`, with ``None`` for 'no deadline'."""
+    return None if value is None else check_seconds(name, value)
 
 
 def check_positive_int(name: str, value: object) -> int | None:

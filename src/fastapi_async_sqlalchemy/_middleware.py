@@ -9,13 +9,15 @@ from typing import Any, ClassVar
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ._admission import Admission
 from ._config import (
     check_positive_int,
-    check_positive_number,
+    check_seconds,
     check_session_args,
     check_url,
     make_session_factory,
 )
+from ._pool import SaturationWarning
 from ._proxy import Binding, DBSessionMeta, restore
 from ._request import WEBSOCKET_SCOPE_ENDED, RequestScope
 from ._scope import Scope, finalize
@@ -58,13 +60,11 @@ class BaseSQLAlchemyMiddleware:
         self.session_args = check_session_args(session_args)
         self.exclude_paths = _check_exclude_paths(exclude_paths)
         self.pool_warn_threshold = _check_threshold(pool_warn_threshold)
-        self.pool_warn_interval = check_positive_number("pool_warn_interval", pool_warn_interval)
+        self.pool_warn_interval = check_seconds("pool_warn_interval", pool_warn_interval)
         self.max_concurrent_requests = check_positive_int(
             "max_concurrent_requests", max_concurrent_requests
         )
-        self.request_queue_timeout = check_positive_number(
-            "request_queue_timeout", request_queue_timeout
-        )
+        self.request_queue_timeout = check_seconds("request_queue_timeout", request_queue_timeout)
         self.commit_on_exit = bool(commit_on_exit)
         self.proxy._check_bindable(custom_engine)
 
@@ -78,8 +78,26 @@ class BaseSQLAlchemyMiddleware:
         self._binding = Binding(
             self.engine, make_session_factory(self.engine, self.session_args), self
         )
+        self._admission = (
+            Admission(self.max_concurrent_requests, self.request_queue_timeout)
+            if self.max_concurrent_requests is not None
+            else None
+        )
+        self._saturation = (
+            SaturationWarning(
+                self.engine, self.pool_warn_threshold, self.pool_warn_interval, logger
+            )
+            if self.pool_warn_threshold is not None
+            else None
+        )
+        self._start()
+
+    def _start(self) -> None:
+        """Bind the proxy (again, after a lifespan ended) and watch the pool if asked to."""
         self.proxy._bind(self._binding)
         self._disposed = False
+        if self._saturation is not None:
+            self._saturation.attach()
 
     def should_commit(self, status_code: int) -> bool:
         """Whether a request that ended with ``status_code`` commits (with ``commit_on_exit``).
@@ -94,8 +112,10 @@ class BaseSQLAlchemyMiddleware:
         if kind == "http":
             if scope["path"] in self.exclude_paths:
                 await self.app(scope, receive, send)
-                return
-            await self._http(scope, receive, send)
+            elif self._admission is None:
+                await self._http(scope, receive, send)
+            else:
+                await self._admitted_http(self._admission, scope, receive, send)
         elif kind == "websocket":
             await self._websocket(scope, receive, send)
         elif kind == "lifespan":
@@ -116,6 +136,18 @@ class BaseSQLAlchemyMiddleware:
             await request.app_returned()
         finally:
             restore(var, token, request)
+
+    async def _admitted_http(
+        self, admission: Admission, scope: ASGIScope, receive: Receive, send: Send
+    ) -> None:
+        permits = admission.permits()
+        if not await admission.admit(permits):
+            await admission.refuse(send)
+            return
+        try:
+            await self._http(scope, receive, send)
+        finally:
+            permits.release()
 
     async def _websocket(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         connection = Scope(self._binding.factory)
@@ -139,9 +171,7 @@ class BaseSQLAlchemyMiddleware:
         async def receive_startup() -> Message:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                # A later lifespan cycle of the same app binds the proxy again.
-                self.proxy._bind(self._binding)
-                self._disposed = False
+                self._start()  # a later lifespan cycle of the same app binds again
             return message
 
         async def send_and_dispose(message: Message) -> None:
@@ -162,6 +192,8 @@ class BaseSQLAlchemyMiddleware:
         disposed: its creator owns it.
         """
         self.proxy._unbind(self)
+        if self._saturation is not None:
+            self._saturation.detach()
         if self.engine_owned and not self._disposed:
             await self.engine.dispose()
             self._disposed = True

@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from ._config import (
+    check_optional_seconds,
     check_positive_int,
-    check_positive_number,
     check_session_args,
     make_session_factory,
 )
@@ -135,7 +135,7 @@ class DBSessionMeta:
             bool(commit_on_exit),
             multi_sessions,
             limit,
-            check_positive_number("pool_timeout", pool_timeout, allow_none=True),
+            check_optional_seconds("pool_timeout", pool_timeout),
         )
 
     def connection(self, timeout: float | None = None) -> AbstractAsyncContextManager[AsyncSession]:
@@ -146,7 +146,7 @@ class DBSessionMeta:
         Elsewhere it lends the current session and leaves it open. ``timeout`` (default: the
         block's ``pool_timeout``) bounds the wait for the slot and the connection.
         """
-        limit = check_positive_number("timeout", timeout, allow_none=True)
+        limit = check_optional_seconds("timeout", timeout)
         scope = self._var.get()
         if scope is None:
             raise self._no_scope_error()
