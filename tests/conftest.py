@@ -2,8 +2,9 @@
 
 Every behaviour test takes the ``database`` fixture and so runs on SQLite (aiosqlite), PostgreSQL
 (asyncpg) and MariaDB (asyncmy). Server URLs come from ``TEST_POSTGRES_URL`` and
-``TEST_MARIADB_URL``. A server that cannot be reached skips its tests on a developer's machine
-and fails them in CI (``CI`` set), so a green CI always means all three databases were tested.
+``TEST_MARIADB_URL``; ``TEST_DATABASES=sqlite`` (a comma-separated list) narrows the run. A
+server that cannot be reached skips its tests on a developer's machine and fails them in CI
+(``CI`` set), so a green CI always means all three databases were tested.
 """
 
 from __future__ import annotations
@@ -96,7 +97,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+DATABASES = [
+    name.strip()
+    for name in os.environ.get("TEST_DATABASES", "sqlite,postgresql,mariadb").split(",")
+    if name.strip()
+]
+
+
+@pytest.fixture(params=DATABASES)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     name: str = request.param
     if name == "sqlite":

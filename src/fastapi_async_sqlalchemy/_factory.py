@@ -14,13 +14,22 @@ def create_middleware_and_session_proxy() -> tuple[type[BaseSQLAlchemyMiddleware
         PrimaryMiddleware, primary = create_middleware_and_session_proxy()
         AnalyticsMiddleware, analytics = create_middleware_and_session_proxy()
     """
-    proxy = DBSessionMeta()
 
     class SQLAlchemyMiddleware(BaseSQLAlchemyMiddleware):
         __doc__ = BaseSQLAlchemyMiddleware.__doc__
+        proxy = DBSessionMeta()
 
-    SQLAlchemyMiddleware.proxy = proxy
-    return SQLAlchemyMiddleware, proxy
+    return SQLAlchemyMiddleware, SQLAlchemyMiddleware.proxy
 
 
-SQLAlchemyMiddleware, db = create_middleware_and_session_proxy()
+db = DBSessionMeta()
+
+
+class SQLAlchemyMiddleware(BaseSQLAlchemyMiddleware):
+    """The middleware that binds ``db``: pure ASGI, one session scope per request.
+
+    ``app.add_middleware(SQLAlchemyMiddleware, db_url=..., commit_on_exit=True)``; see
+    :class:`BaseSQLAlchemyMiddleware` for the arguments.
+    """
+
+    proxy = db

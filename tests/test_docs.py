@@ -1,0 +1,211 @@
+"""Every Python example in the README and in docs/ runs, and does what the text around it says.
+
+An example is a ```python block preceded by ``<!-- test: NAME -->``; ``CHECKS[NAME]`` runs it
+(SQLite files are moved into the test's temporary directory) and checks what it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import serve
+from sqlalchemy import text
+
+from fastapi_async_sqlalchemy import db
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+MARKED = re.compile(r"<!-- test: (?P<name>[\w-]+) -->\n```python\n(?P<code>.*?)```", re.S)
+SQLITE_FILE = re.compile(r"sqlite\+aiosqlite:///(?P<file>[\w.]+)")
+
+
+def examples() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for page in PAGES:
+        for match in MARKED.finditer(page.read_text()):
+            assert match["name"] not in found, f"example name {match['name']} used twice"
+            found[match["name"]] = match["code"]
+    return found
+
+
+def run_example(name: str, tmp_path: Path) -> tuple[dict[str, Any], str]:
+    """Execute the example; return its namespace and what it printed."""
+    code = SQLITE_FILE.sub(
+        lambda m: f"sqlite+aiosqlite:///{tmp_path / m['file']}", examples()[name]
+    )
+    namespace: dict[str, Any] = {"__name__": f"docs_example_{name.replace('-', '_')}"}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, f"<example {name}>", "exec", dont_inherit=True), namespace)
+    return namespace, printed.getvalue()
+
+
+async def execute(*statements: str) -> None:
+    async with db(commit_on_exit=True):
+        for statement in statements:
+            await db.session.execute(text(statement))
+
+
+async def scalar(statement: str) -> Any:
+    async with db():
+        return (await db.session.execute(text(statement))).scalar()
+
+
+# -- the checks, one per example ------------------------------------------------------------------
+
+
+async def check_quickstart(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        async with db(commit_on_exit=True):
+            connection = await db.session.connection()
+            await connection.run_sync(ns["Base"].metadata.create_all)
+        created = await client.post("/users", params={"name": "ann"})
+        assert created.status_code == 201
+        user_id = created.json()["id"]
+        assert (await client.get(f"/users/{user_id}")).json() == {"name": "ann"}
+        assert (await client.get("/users/999")).status_code == 404
+        assert (await client.post("/users", params={"name": "ann"})).status_code == 500
+        assert (await client.get("/users")).json() == ["ann"]
+
+
+async def check_outside_a_request(ns: dict[str, Any], printed: str) -> None:
+    assert printed.split() == ["1"]
+
+
+async def check_background_task(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        await execute("CREATE TABLE visits (page TEXT)")
+        assert (await client.get("/pages/home")).json() == {"page": "home"}
+        assert await scalar("SELECT page FROM visits") == "home"
+
+
+async def check_gather(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        await execute(
+            "CREATE TABLE users (name TEXT)",
+            "CREATE TABLE orders (item TEXT)",
+            "INSERT INTO orders VALUES ('book')",
+        )
+        assert (await client.get("/dashboard")).json() == {"users": 0, "orders": 1}
+
+
+async def check_several_databases(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        async with ns["archive"](commit_on_exit=True):
+            await ns["archive"].session.execute(text("CREATE TABLE old_orders (id INTEGER)"))
+        assert (await client.get("/sizes")).json() == {"primary": 0, "archive": 1}
+
+
+async def check_status_rule(ns: dict[str, Any], printed: str) -> None:
+    app = ns["app"]
+
+    @app.get("/moved")
+    async def moved() -> Any:
+        from fastapi.responses import RedirectResponse
+
+        await db.session.execute(text("INSERT INTO log VALUES ('moved')"))
+        return RedirectResponse("/elsewhere", status_code=302)
+
+    async with serve(app) as client:
+        await execute("CREATE TABLE log (entry TEXT)")
+        assert (await client.get("/moved", follow_redirects=False)).status_code == 302
+        assert await scalar("SELECT count(*) FROM log") == 0
+
+
+async def check_streaming(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        await execute("CREATE TABLE users (name TEXT)", "INSERT INTO users VALUES ('bo'), ('al')")
+        assert (await client.get("/export")).text == "al\nbo\n"
+
+
+async def check_yield_dependency(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        await execute("CREATE TABLE orders (item TEXT)")
+        assert (await client.post("/orders")).status_code == 201
+        assert await scalar("SELECT item FROM orders") == "book"
+
+
+async def check_plain(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        await execute("CREATE TABLE users (name TEXT)", "CREATE TABLE orders (item TEXT)")
+        assert (await client.get("/report")).json() == {"users": 0, "orders": 0}
+
+
+async def check_multi(ns: dict[str, Any], printed: str) -> None:
+    assert printed.split() == ["3"]
+
+
+async def check_throttled(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        assert (await client.get("/quote")).json() == {"total": 1.5 * sum(range(50))}
+        assert db.pool_status()["checked_out"] == 0
+
+
+async def check_pool_status(ns: dict[str, Any], printed: str) -> None:
+    assert "'capacity': 4" in printed
+    assert "'saturation': 0.0" in printed
+
+
+async def check_dispose(ns: dict[str, Any], printed: str) -> None:
+    assert printed.split() == ["1"]
+
+
+async def check_testing(ns: dict[str, Any], printed: str) -> None:
+    await asyncio.to_thread(ns["test_with_testclient"])
+    await ns["test_with_httpx"]()
+
+
+async def check_admission(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        assert (await client.get("/health")).json() == {"status": "ok"}
+
+
+async def check_errors(ns: dict[str, Any], printed: str) -> None:
+    assert "async with db():" in printed
+
+
+CHECKS: dict[str, Callable[[dict[str, Any], str], Any]] = {
+    "quickstart": check_quickstart,
+    "outside-a-request": check_outside_a_request,
+    "background-task": check_background_task,
+    "gather": check_gather,
+    "several-databases": check_several_databases,
+    "status-rule": check_status_rule,
+    "streaming": check_streaming,
+    "yield-dependency": check_yield_dependency,
+    "plain": check_plain,
+    "multi": check_multi,
+    "throttled": check_throttled,
+    "pool-status": check_pool_status,
+    "dispose": check_dispose,
+    "testing": check_testing,
+    "admission": check_admission,
+    "errors": check_errors,
+}
+
+
+def test_every_python_block_in_the_docs_is_a_checked_example() -> None:
+    """No ```python block goes untested, and no check is left without its example."""
+    blocks = sum(page.read_text().count("```python\n") for page in PAGES)
+    assert blocks == len(examples())
+    assert set(examples()) == set(CHECKS)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_docs_example_runs_as_described(name: str, tmp_path: Path) -> None:
+    """The example runs on SQLite and does what its page says."""
+    try:
+        namespace, printed = run_example(name, tmp_path)
+        asyncio.run(CHECKS[name](namespace, printed))
+    finally:
+        binding = db._binding
+        if binding is not None:  # a failed check must not leave the shared proxy bound
+            asyncio.run(binding.owner.dispose())  # type: ignore[attr-defined]
+    assert db._binding is None, "the example left the proxy bound"
