@@ -88,7 +88,7 @@ def check_url(db_url: object) -> URL:
         )
     try:
         return make_url(db_url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
         raise InvalidConfigurationError(
             "db_url could not be parsed: give a SQLAlchemy URL such as "
             "'postgresql+asyncpg://user:password@host/dbname'."

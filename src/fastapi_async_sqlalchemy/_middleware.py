@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import ArgumentError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ._admission import Admission
@@ -233,12 +234,17 @@ def _check_engine_source(
 
 
 def _create_engine(url: URL, engine_args: Mapping[str, Any] | None) -> AsyncEngine:
+    # SQLAlchemy's messages name the argument or the driver; none of them holds the password.
     try:
         return create_async_engine(url, **(engine_args or {}))
     except TypeError as exc:
-        # SQLAlchemy's message names the argument; the URL (and its password) is not in it.
         raise InvalidConfigurationError(
             f"engine_args: {exc} Pass only create_async_engine() keywords the dialect accepts."
+        ) from None
+    except (ArgumentError, InvalidRequestError) as exc:
+        raise InvalidConfigurationError(
+            f"db_url names a dialect or driver that cannot be used here ({exc}): use an async "
+            "driver, such as postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite."
         ) from None
 
 
