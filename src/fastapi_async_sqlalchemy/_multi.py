@@ -38,7 +38,7 @@ MULTI_SCOPE_ENDED = (
 class Child:
     """The session of one task in a multi-session scope."""
 
-    __slots__ = ("managed", "session", "task")
+    __slots__ = ("finalizing", "managed", "session", "task")
 
     def __init__(self, task: asyncio.Task[Any], managed: bool) -> None:
         self.task = weakref.ref(task)
@@ -46,6 +46,7 @@ class Child:
         # Run by db.connection()/db.gather(): holds a slot if there are slots, and is finalized
         # in its own task. Otherwise the session was taken straight from db.session.
         self.managed = managed
+        self.finalizing = False  # committing or rolling back: the block waits, never cancels
 
 
 class MultiScope(Scope):
@@ -80,7 +81,8 @@ class MultiScope(Scope):
             weakref.WeakKeyDictionary()
         )
         # Children whose sessions the block must finalize: those taken straight from db.session.
-        self.loose: list[Child] = []
+        # Their tasks are kept until then, to learn how each ended.
+        self.loose: list[tuple[asyncio.Task[Any], Child]] = []
         # Children inside db.connection()/db.gather() right now: they finalize themselves.
         self.managed: set[Child] = set()
 
@@ -102,7 +104,7 @@ class MultiScope(Scope):
                     "which give it a slot and a deadline."
                 )
             child = self.by_task[task] = Child(task, managed=False)
-            self.loose.append(child)
+            self.loose.append((task, child))
         session = child.session
         if session is None:
             session = child.session = self.factory()
@@ -131,12 +133,13 @@ class MultiScope(Scope):
     async def leave_slot(self, child: Child, previous: Child | None, failed: bool) -> None:
         """Finalize the child's session in its own task, give back the slot, restore."""
         task = _current_task()
-        self.managed.discard(child)
+        child.finalizing = True
         try:
             session, child.session = child.session, None
             if session is not None:
                 await finalize(session, commit=self.commit_on_exit and not failed)
         finally:
+            self.managed.discard(child)
             if self.slots is not None:
                 self.slots.release()
             if previous is None:
@@ -152,35 +155,36 @@ class MultiScope(Scope):
         return await run_to_completion(self._finish(failed))
 
     async def _finish(self, failed: BaseException | None) -> None:
-        children, self.loose = self.loose, []
-        running = [
-            task
-            for child in (*children, *self.managed)
-            if (task := child.task()) is not None and task is not self.owner and not task.done()
-        ]
-        for task in running:
-            task.cancel()
-        if running:
-            await asyncio.wait(running)
+        loose, self.loose = self.loose, []
+        # Children still at work are cancelled; those already finalizing are let finish.
+        pending: list[asyncio.Task[Any]] = []
+        cut_off = 0
+        for child in (*(child for _, child in loose), *self.managed):
+            task = child.task()
+            if task is None or task is self.owner or task.done():
+                continue
+            pending.append(task)
+            if not child.finalizing:
+                task.cancel()
+                cut_off += 1
+        if pending:
+            await asyncio.wait(pending)
         errors: list[Exception] = []
-        for child in children:
+        for task, child in loose:
             session, child.session = child.session, None
             if session is None:
                 continue
-            task = child.task()
-            commit = (
-                self.commit_on_exit
-                and failed is None
-                and not running
-                and (task is None or task is self.owner or not task.cancelled())
-            )
+            commit = self.commit_on_exit and failed is None and not cut_off
+            if commit and task is not self.owner:
+                # A task that failed or was cancelled must not have half its work committed.
+                commit = not task.cancelled() and task.exception() is None
             try:
                 await finalize(session, commit=commit)
             except Exception as exc:
                 errors.append(exc)
-        if running:
+        if cut_off:
             message = (
-                f"{len(running)} task(s) still using the database when the multi-session block "
+                f"{cut_off} task(s) still using the database when the multi-session block "
                 "ended were cancelled and their work rolled back: await them, or run them with "
                 "db.gather(), before the block ends."
             )

@@ -19,6 +19,11 @@ REQUEST_SCOPE_ENDED = (
     "session with `async with db():`."
 )
 
+# Messages that carry (the start of) the body: the response cannot wait past the first of them.
+_BODY_MESSAGES = frozenset(
+    {"http.response.body", "http.response.pathsend", "http.response.zerocopysend"}
+)
+
 WEBSOCKET_SCOPE_ENDED = (
     "The websocket connection's session was finalized when the connection ended: open a new "
     "session with `async with db():` where it is needed."
@@ -58,7 +63,7 @@ class RequestScope(Scope):
             else:
                 self._held = message
             return
-        if kind == "http.response.body" or kind == "http.response.pathsend":
+        if kind in _BODY_MESSAGES:
             await self._respond()
         await self._send(message)
 
