@@ -23,7 +23,7 @@ from ._proxy import Binding, DBSessionMeta, restore
 from ._request import WEBSOCKET_SCOPE_ENDED, RequestScope
 from ._scope import Scope, finalize
 from ._types import ASGIApp, ASGIScope, Message, Receive, Send
-from .exceptions import InvalidConfigurationError
+from .exceptions import InvalidConfigurationError, ProxyBindingError
 
 logger = logging.getLogger("fastapi_async_sqlalchemy.middleware")
 
@@ -169,11 +169,13 @@ class BaseSQLAlchemyMiddleware:
             restore(var, token, connection)
 
     async def _lifespan(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
-        async def receive_startup() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                self._start()  # a later lifespan cycle of the same app binds again
-            return message
+        try:
+            self._start()  # a later lifespan cycle of the same app binds the proxy again
+        except ProxyBindingError as exc:
+            # Tell the server the app cannot start, as the lifespan protocol expects.
+            await receive()  # lifespan.startup
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
 
         async def send_and_dispose(message: Message) -> None:
             if message["type"] in _LIFESPAN_ENDS:
@@ -183,7 +185,7 @@ class BaseSQLAlchemyMiddleware:
                     logger.exception("Disposing the database engine at lifespan end failed")
             await send(message)
 
-        await self.app(scope, receive_startup, send_and_dispose)
+        await self.app(scope, receive, send_and_dispose)
 
     async def dispose(self) -> None:
         """Unbind the proxy and release the engine this middleware created.
