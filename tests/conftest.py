@@ -20,10 +20,13 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
+
+from fastapi_async_sqlalchemy import DBSessionMeta, create_middleware_and_session_proxy
 
 SERVER_URLS = {
     "postgresql": os.environ.get(
@@ -130,6 +133,41 @@ async def database(database_url: str) -> AsyncIterator[Database]:
     async with check.begin() as connection:
         await connection.run_sync(metadata.drop_all)
     await check.dispose()
+
+
+def make_app(database: Database, **options: Any) -> tuple[FastAPI, DBSessionMeta]:
+    """A FastAPI app with a fresh middleware/proxy pair on ``database``."""
+    Middleware, db = create_middleware_and_session_proxy()
+    app = FastAPI()
+    app.add_middleware(Middleware, db_url=database.url, **options)
+    return app, db
+
+
+def http_scope(method: str, path: str) -> dict[str, Any]:
+    """The scope a server gives an HTTP/1.1 request (spec 2.0: Starlette watches disconnects)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+        "extensions": {"http.response.pathsend": {}},
+    }
+
+
+def websocket_scope(path: str) -> dict[str, Any]:
+    """The scope a server gives a websocket handshake for ``path``."""
+    scope = http_scope("GET", path)
+    del scope["method"], scope["extensions"]
+    scope.update(type="websocket", scheme="ws", subprotocols=[])
+    return scope
 
 
 @asynccontextmanager

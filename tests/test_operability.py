@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Database, serve
+from conftest import Database, http_scope, serve
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import text
@@ -153,21 +153,7 @@ class Service:
             if message["type"] == "http.response.pathsend":
                 done.set()
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "headers": [(b"host", b"test")],
-            "client": ("127.0.0.1", 50000),
-            "server": ("test", 80),
-            "extensions": {"http.response.pathsend": {}},
-        }
+        scope = http_scope("GET", path)
         await self.asgi(scope, receive, send)
         return sent
 

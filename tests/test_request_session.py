@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from conftest import Database, new_item, serve
+from conftest import Database, make_app, new_item, serve
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from sqlalchemy import event, text
@@ -21,13 +21,6 @@ from fastapi_async_sqlalchemy import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-def make_app(database: Database, **options: Any) -> tuple[FastAPI, Any]:
-    Middleware, db = create_middleware_and_session_proxy()
-    app = FastAPI()
-    app.add_middleware(Middleware, db_url=database.url, **options)
-    return app, db
 
 
 @pytest.mark.parametrize("commit_on_exit", [True, False])

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Database, items, new_item, serve
+from conftest import Database, http_scope, items, make_app, new_item, serve
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from sqlalchemy import event, select
@@ -17,32 +17,6 @@ from starlette.middleware.gzip import GZipMiddleware
 from fastapi_async_sqlalchemy import SessionFinalizedError, create_middleware_and_session_proxy
 
 pytestmark = pytest.mark.anyio
-
-
-def make_app(database: Database, **options: Any) -> tuple[FastAPI, Any]:
-    Middleware, db = create_middleware_and_session_proxy()
-    app = FastAPI()
-    app.add_middleware(Middleware, db_url=database.url, **options)
-    return app, db
-
-
-def http_scope(method: str, path: str) -> dict[str, Any]:
-    """An HTTP/1.1 request scope; at ASGI spec 2.0, Starlette listens for the disconnect itself."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"test")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-        "extensions": {"http.response.pathsend": {}},
-    }
 
 
 def count_transactions(db: Any) -> dict[str, int]:

@@ -6,38 +6,11 @@ from contextlib import suppress
 from typing import Any
 
 import pytest
-from conftest import Database, new_item, serve
-from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from conftest import Database, make_app, new_item, serve, websocket_scope
+from fastapi import WebSocket, WebSocketDisconnect
 from sqlalchemy import event
 
-from fastapi_async_sqlalchemy import create_middleware_and_session_proxy
-
 pytestmark = pytest.mark.anyio
-
-
-def make_app(database: Database, **options: Any) -> tuple[FastAPI, Any]:
-    Middleware, db = create_middleware_and_session_proxy()
-    app = FastAPI()
-    app.add_middleware(Middleware, db_url=database.url, **options)
-    return app, db
-
-
-def websocket_scope(path: str) -> dict[str, Any]:
-    """The scope a server would give a websocket handshake for ``path``."""
-    return {
-        "type": "websocket",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "scheme": "ws",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"test")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-        "subprotocols": [],
-    }
 
 
 async def exchange(app: Any, path: str, *texts: str) -> list[dict[str, Any]]:
