@@ -9,6 +9,7 @@ places where a scope's session begins and ends.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -100,23 +101,38 @@ async def _close(session: AsyncSession) -> None:
         sync_session._close_state = _CLOSED  # type: ignore[assignment]
 
 
+_EAGER = sys.version_info >= (3, 12)  # Task(..., eager_start=True) exists
+
+
+class _Cleanup(asyncio.Task[T]):
+    """A task that refuses to be cancelled.
+
+    Awaiting it passes on no cancellation: asyncio holds the awaiting task's cancellation back
+    and delivers it once this task is done, so the cleanup always finishes first.
+    """
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        return False
+
+
 async def run_to_completion(work: Coroutine[Any, Any, T]) -> T:
     """Await ``work`` to its end even if the caller is cancelled meanwhile.
 
-    The work runs in its own task; a cancellation of the caller is held back until that task is
-    done and then re-raised, so cleanup is never cut short and cancellation is never lost.
+    A cancellation of the caller is held back until ``work`` is done and then raised, so cleanup
+    is never cut short and cancellation is never lost. On Python 3.12+ the work starts at once
+    and, when it never suspends, costs no trip through the event loop.
     """
-    task = asyncio.ensure_future(work)
-    cancelled: asyncio.CancelledError | None = None
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError as exc:
-            if task.done():
-                break
-            cancelled = exc
-    if cancelled is not None:
+    loop = asyncio.get_running_loop()
+    if _EAGER:
+        task: _Cleanup[T] = _Cleanup(work, loop=loop, eager_start=True)  # type: ignore[call-arg]
+        if task.done():
+            return task.result()
+    else:
+        task = _Cleanup(work, loop=loop)
+    try:
+        return await task
+    except asyncio.CancelledError as cancelled:
+        # The caller was cancelled while the work ran; the work itself is finished.
         if not task.cancelled() and task.exception() is not None:
             raise cancelled from task.exception()
-        raise cancelled
-    return task.result()
+        raise
