@@ -46,3 +46,22 @@ check: lint typecheck test
 
 clean:
 	rm -rf $(VENV) .venv-* .mypy_cache .ruff_cache .pytest_cache
+
+## bench: the benchmark suite (docs/performance.md); BENCH_ROUNDS=7 for a steadier run
+.PHONY: bench
+bench:
+	$(PYTHON) benchmarks/run.py $(BENCH_ARGS)
+
+## stress: the fault-injection tests at length (docs/reliability.md), then their figures;
+## STRESS_REQUESTS and STRESS_SEED size and seed the run
+STRESS_REQUESTS ?= 1500
+STRESS_SEED ?= 20240601
+.PHONY: stress
+stress: $(BIN)/.installed databases
+	@report=$(VENV)/faults-report.jsonl; rm -f $$report; \
+	FAULTS_REQUESTS=$(STRESS_REQUESTS) FAULTS_SEED=$(STRESS_SEED) FAULTS_REPORT=$$report \
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_faults.py $(PYTEST_ARGS); \
+	status=$$?; \
+	$(BIN)/python tests/faultkit.py $$report; \
+	rm -f $$report; \
+	exit $$status
