@@ -141,6 +141,21 @@ class AuditedSession(AsyncSession):
     """A user's own session class."""
 
 
+async def test_block_sessions_can_be_bound_to_a_connection_of_the_caller(
+    db: DBSessionMeta, database: Database
+) -> None:
+    """session_args={"bind": connection} runs the block in the caller's outer transaction."""
+    async with db.engine.connect() as connection:
+        outer = await connection.begin()
+        async with db(session_args={"bind": connection}):
+            assert db.session.bind is connection
+            await db.session.execute(new_item("inside"))
+            await db.session.flush()
+        await outer.rollback()  # the caller's transaction decides, as a test's savepoint would
+    assert await database.names() == []
+    assert db.engine.pool.checkedout() == 0
+
+
 async def test_session_class_can_be_chosen_per_block(db: DBSessionMeta, database: Database) -> None:
     """`session_args={"class_": ...}` gives the block a session of that class, which works."""
     async with db(session_args={"class_": AuditedSession}, commit_on_exit=True):

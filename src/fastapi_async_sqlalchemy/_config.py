@@ -10,7 +10,12 @@ from typing import Any
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+)
 from sqlalchemy.orm import Session
 
 from .exceptions import InvalidConfigurationError
@@ -44,8 +49,14 @@ def _session_keywords(session_class: type[AsyncSession]) -> frozenset[str]:
     return known
 
 
-def check_session_args(session_args: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Return ``session_args`` as a dict, refusing keywords no session class accepts."""
+def check_session_args(
+    session_args: Mapping[str, Any] | None, *, allow_bind: bool = True
+) -> dict[str, Any]:
+    """Return ``session_args`` as a dict, refusing keywords no session class accepts.
+
+    The middleware's own sessions are bound to its engine (``allow_bind=False``); a ``db(...)``
+    block may bind its sessions elsewhere, e.g. to a connection of a test.
+    """
     if session_args is None:
         return {}
     if not isinstance(session_args, Mapping):
@@ -59,6 +70,11 @@ def check_session_args(session_args: Mapping[str, Any] | None) -> dict[str, Any]
         raise InvalidConfigurationError(
             "session_args['class_'] must be a subclass of sqlalchemy.ext.asyncio.AsyncSession."
         )
+    if not allow_bind and "bind" in args:
+        raise InvalidConfigurationError(
+            "session_args must not set 'bind': the middleware binds its sessions to its own "
+            "engine; pass custom_engine to use another one."
+        )
     unknown = sorted(set(args) - _session_keywords(session_class))
     if unknown:
         raise InvalidConfigurationError(
@@ -70,12 +86,12 @@ def check_session_args(session_args: Mapping[str, Any] | None) -> dict[str, Any]
 
 
 def make_session_factory(
-    engine: AsyncEngine, session_args: Mapping[str, Any]
+    bind: AsyncEngine | AsyncConnection, session_args: Mapping[str, Any]
 ) -> async_sessionmaker[AsyncSession]:
     """The factory for every session of one middleware: our defaults, then ``session_args``."""
     options: dict[str, Any] = {"class_": default_session_class(), "expire_on_commit": False}
     options.update(session_args)
-    return async_sessionmaker(engine, **options)
+    return async_sessionmaker(bind, **options)
 
 
 def check_url(db_url: object) -> URL:

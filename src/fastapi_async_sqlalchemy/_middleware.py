@@ -58,7 +58,7 @@ class BaseSQLAlchemyMiddleware:
         # Every check comes before anything is allocated: a refused construction leaves no
         # engine, no pool, and the proxy as it was.
         url = _check_engine_source(db_url, custom_engine, engine_args)
-        self.session_args = check_session_args(session_args)
+        self.session_args = check_session_args(session_args, allow_bind=False)
         self.exclude_paths = _check_exclude_paths(exclude_paths)
         self.pool_warn_threshold = _check_threshold(pool_warn_threshold)
         self.pool_warn_interval = check_seconds("pool_warn_interval", pool_warn_interval)
@@ -239,15 +239,26 @@ def _create_engine(url: URL, engine_args: Mapping[str, Any] | None) -> AsyncEngi
     # SQLAlchemy's messages name the argument or the driver; none of them holds the password.
     try:
         return create_async_engine(url, **(engine_args or {}))
-    except TypeError as exc:
+    except (TypeError, ValueError, AttributeError) as exc:
         raise InvalidConfigurationError(
-            f"engine_args: {exc} Pass only create_async_engine() keywords the dialect accepts."
+            f"engine_args: {_one_line(exc)} Pass only create_async_engine() keywords the "
+            "dialect accepts, with values of the documented types."
+        ) from None
+    except ImportError as exc:
+        raise InvalidConfigurationError(
+            f"db_url names a driver that is not installed ({_one_line(exc)}): install it, or "
+            "use an async driver that is, such as postgresql+asyncpg or sqlite+aiosqlite."
         ) from None
     except (ArgumentError, InvalidRequestError) as exc:
         raise InvalidConfigurationError(
-            f"db_url names a dialect or driver that cannot be used here ({exc}): use an async "
-            "driver, such as postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite."
+            f"db_url names a dialect or driver that cannot be used here ({_one_line(exc)}): "
+            "use an async driver, such as postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite."
         ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """SQLAlchemy's message on one line, as every error of ours is."""
+    return " ".join(str(exc).split())
 
 
 def _check_exclude_paths(paths: object) -> frozenset[str]:

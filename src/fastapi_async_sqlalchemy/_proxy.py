@@ -209,8 +209,8 @@ class DBSessionMeta:
         if not session_args:
             return binding.factory
         options = {"class_": binding.factory.class_, **binding.factory.kw, **session_args}
-        options.pop("bind", None)
-        return make_session_factory(binding.engine, options)
+        bind = options.pop("bind", None)
+        return make_session_factory(bind if "bind" in session_args else binding.engine, options)
 
 
 class ExplicitScope:

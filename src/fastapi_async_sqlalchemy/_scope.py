@@ -81,7 +81,8 @@ async def finalize(session: AsyncSession, *, commit: bool) -> None:
     """
     if commit:
         try:
-            await session.commit()
+            # Once begun, the commit and the connection's return to the pool run to their end.
+            await run_to_completion(session.commit())
         except BaseException:
             await _close(session)
             raise
