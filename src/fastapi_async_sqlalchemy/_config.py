@@ -70,11 +70,17 @@ def check_session_args(
         raise InvalidConfigurationError(
             "session_args['class_'] must be a subclass of sqlalchemy.ext.asyncio.AsyncSession."
         )
-    if not allow_bind and "bind" in args:
-        raise InvalidConfigurationError(
-            "session_args must not set 'bind': the middleware binds its sessions to its own "
-            "engine; pass custom_engine to use another one."
-        )
+    if "bind" in args:
+        if not allow_bind:
+            raise InvalidConfigurationError(
+                "session_args must not set 'bind': the middleware binds its sessions to its own "
+                "engine; pass custom_engine to use another one."
+            )
+        if not isinstance(args["bind"], AsyncEngine | AsyncConnection):
+            raise InvalidConfigurationError(
+                "session_args['bind'] must be an AsyncEngine or AsyncConnection, "
+                f"not {type(args['bind']).__name__}."
+            )
     unknown = sorted(set(args) - _session_keywords(session_class))
     if unknown:
         raise InvalidConfigurationError(
