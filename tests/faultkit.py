@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from conftest import http_scope
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -45,24 +46,6 @@ def rng(*names: str) -> random.Random:
 
 
 # -- driving an app in-process ------------------------------------------------------------------
-
-
-def http_scope(method: str, path: str) -> Message:
-    """An HTTP/1.1 request scope; at ASGI spec 2.0, Starlette listens for the disconnect itself."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"test")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
 
 
 @dataclass
