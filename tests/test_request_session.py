@@ -50,11 +50,8 @@ async def test_writes_are_committed_only_when_the_request_succeeds(
     assert await database.names() == (["written"] if committed else [])
 
 
-async def test_commit_failure_never_reaches_client_as_200(
-    database: Database, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A commit that fails turns the response into a 500 and keeps nothing."""
-    await database.insert("taken")
+def app_whose_commit_fails(database: Database) -> tuple[FastAPI, Any]:
+    """A route that succeeds, but whose commit by the middleware hits a unique constraint."""
     app, db = make_app(database, commit_on_exit=True)
 
     @app.post("/write")
@@ -67,6 +64,14 @@ async def test_commit_failure_never_reaches_client_as_200(
             session.execute(new_item("taken"))
 
         return {"status": "ok"}
+
+    return app, db
+
+
+async def test_commit_failure_never_reaches_client_as_200(database: Database) -> None:
+    """A commit that fails turns the response into a 500 and keeps nothing."""
+    await database.insert("taken")
+    app, db = app_whose_commit_fails(database)
 
     async with serve(app) as client:
         response = await client.post("/write")
@@ -81,17 +86,7 @@ async def test_commit_failure_is_raised_to_the_server_with_its_traceback(
 ) -> None:
     """The commit's own error, not a generic one, reaches the server."""
     await database.insert("taken")
-    app, db = make_app(database, commit_on_exit=True)
-
-    @app.post("/write")
-    async def write() -> dict[str, str]:
-        await db.session.execute(text("SELECT 1"))
-
-        @event.listens_for(db.session.sync_session, "before_commit")
-        def insert_duplicate(session: Any) -> None:
-            session.execute(new_item("taken"))
-
-        return {"status": "ok"}
+    app, _ = app_whose_commit_fails(database)
 
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)  # app errors are raised here

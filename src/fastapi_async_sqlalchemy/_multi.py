@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Awaitable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Coroutine
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -249,6 +250,17 @@ class BorrowedSession:
         return None
 
 
+@asynccontextmanager
+async def _within(deadline: float, engine: object) -> AsyncIterator[None]:
+    """Bound the block to ``deadline`` seconds; running out raises ``PoolTimeoutError``."""
+    try:
+        async with asyncio.timeout(deadline):
+            yield
+    except (TimeoutError, SQLAlchemyPoolTimeout) as exc:
+        status = pool_status(engine) if isinstance(engine, AsyncEngine) else None
+        raise PoolTimeoutError(deadline, pool_status=status) from exc
+
+
 async def open_within(
     factory: SessionFactory,
     engine: AsyncEngine,
@@ -262,30 +274,23 @@ async def open_within(
     session = factory()
     acquired = False
     try:
-        async with asyncio.timeout(deadline):
+        async with _within(deadline, engine):
             if slots is not None:
                 await slots.acquire()
                 acquired = True
             await session.connection()
-    except BaseException as exc:
+    except BaseException:
         await finalize(session, commit=False)
         if acquired:
             slots.release()  # type: ignore[union-attr]
-        if isinstance(exc, TimeoutError | SQLAlchemyPoolTimeout):
-            raise PoolTimeoutError(deadline, pool_status=pool_status(engine)) from exc
         raise
     return session
 
 
 async def borrow_within(session: AsyncSession, deadline: float) -> AsyncSession:
     """Make ``session`` hold its connection, got within ``deadline`` seconds."""
-    try:
-        async with asyncio.timeout(deadline):
-            await session.connection()
-    except (TimeoutError, SQLAlchemyPoolTimeout) as exc:
-        engine = session.bind
-        status = pool_status(engine) if isinstance(engine, AsyncEngine) else None
-        raise PoolTimeoutError(deadline, pool_status=status) from exc
+    async with _within(deadline, session.bind):
+        await session.connection()
     return session
 
 
