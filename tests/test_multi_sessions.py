@@ -6,6 +6,7 @@ import asyncio
 import gc
 import inspect
 import math
+import weakref
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import Database, items, new_item, serve
 from fastapi import FastAPI
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.pool import NullPool, QueuePool
 
 from fastapi_async_sqlalchemy import (
@@ -132,6 +133,25 @@ async def test_multi_sessions_gives_each_task_its_own_session(db: DBSessionMeta)
         assert owner is not first
         assert owner is not second
         assert db.session is owner
+    assert checked_out(db) == 0
+
+
+async def test_block_keeps_no_task_or_session_alive_once_it_ends(db: DBSessionMeta) -> None:
+    """After the block, nothing of its tasks or sessions stays referenced: no growth per block."""
+    seen: list[weakref.ref[Any]] = []
+
+    async def child() -> None:
+        seen.append(weakref.ref(asyncio.current_task()))
+        seen.append(weakref.ref(db.session))
+        await count_visible(db)
+
+    async with db(multi_sessions=True, max_concurrent=2):
+        await db.gather(child(), child())
+    async with db(multi_sessions=True):
+        await asyncio.gather(asyncio.create_task(child()), asyncio.create_task(child()))
+    gc.collect()
+    assert len(seen) == 8
+    assert [ref for ref in seen if ref() is not None] == []
     assert checked_out(db) == 0
 
 
@@ -719,6 +739,56 @@ async def test_cancelled_block_leaves_nothing_checked_out_or_committed(
     assert left_running == []
     assert left_checked_out == 0
     assert await database.names() == []
+
+
+@pytest.mark.parametrize("ending", ["commit", "rollback"])
+async def test_cancel_during_a_gathered_childs_finalize_waits_for_it(
+    database: Database, db: DBSessionMeta, ending: str
+) -> None:
+    """A cancellation that lands while a child commits or rolls back is delivered afterwards.
+
+    The child's commit (or rollback) and the return of its connection finish first, even if a
+    second cancellation lands meanwhile; then the block is cancelled all the same.
+    """
+    invalidated: list[object] = []
+    block: asyncio.Task[None] | None = None
+    cancels: list[str] = []
+    read = asyncio.Event()
+
+    def cancel_block(connection: object) -> None:
+        if block is not None and not cancels:
+            cancels.append("as it began")
+            block.cancel()
+            # A second cancellation, as from a server shutting down, while it runs.
+            asyncio.get_running_loop().call_soon(lambda: cancels.append("again") or block.cancel())
+
+    event.listen(db.engine.sync_engine, ending, cancel_block)
+    event.listen(db.engine.sync_engine, "invalidate", lambda *args: invalidated.append(args))
+
+    async def finishing() -> None:
+        await db.session.execute(new_item("finishing"))
+        await read.wait()
+        if ending == "rollback":
+            raise Boom
+
+    async def reading() -> None:
+        await count_visible(db)  # SQLite allows one open writing transaction
+        read.set()
+        await asyncio.Event().wait()
+
+    async def run() -> None:
+        async with db(multi_sessions=True, commit_on_exit=True, max_concurrent=2):
+            await db.gather(finishing(), reading())
+
+    async with asyncio.timeout(10):
+        block = asyncio.create_task(run())
+        with pytest.raises(asyncio.CancelledError):
+            await block
+
+    assert cancels == ["as it began", "again"]
+    assert invalidated == []
+    assert checked_out(db) == 0
+    assert await database.names() == (["finishing"] if ending == "commit" else [])
 
 
 @pytest.mark.parametrize(("multi_commits", "nested_commits"), [(False, True), (True, False)])

@@ -20,7 +20,7 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyPoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ._pool import pool_status
-from ._scope import Scope, SessionFactory, finalize, run_to_completion
+from ._scope import GuardedTask, Scope, SessionFactory, finalize, run_to_completion
 from .exceptions import (
     ConcurrencyError,
     CoroutineRequiredError,
@@ -78,9 +78,10 @@ class MultiScope(Scope):
         self.slots = asyncio.Semaphore(max_concurrent) if max_concurrent is not None else None
         self.pool_timeout = pool_timeout
         self.owner = asyncio.current_task()
-        self.by_task: weakref.WeakKeyDictionary[asyncio.Task[Any], Child] = (
-            weakref.WeakKeyDictionary()
-        )
+        # The child of each task that has one. A plain dict, not a WeakKeyDictionary (2-3 µs
+        # less per db.gather() coroutine): a managed child leaves it when its slot ends, and a
+        # loose child's task is kept in ``loose`` until the block ends anyway; then it is cleared.
+        self.by_task: dict[asyncio.Task[Any], Child] = {}
         # Children whose sessions the block must finalize: those taken straight from db.session.
         # Their tasks are kept until then, to learn how each ended.
         self.loose: list[tuple[asyncio.Task[Any], Child]] = []
@@ -170,6 +171,7 @@ class MultiScope(Scope):
                 cut_off += 1
         if pending:
             await asyncio.wait(pending)
+        self.by_task.clear()
         errors: list[Exception] = []
         for task, child in loose:
             session, child.session = child.session, None
@@ -316,11 +318,17 @@ async def gather_children(
                 "wait for slots its own caller holds: call db.gather() from the block itself, or "
                 "await the coroutines one by one in this slot."
             )
-    wrapped = [_child(scope, aw) if asyncio.iscoroutine(aw) else aw for aw in aws]
+    loop = asyncio.get_running_loop()
+    wrapped = [
+        GuardedTask(_child(scope, aw), loop=loop) if asyncio.iscoroutine(aw) else aw for aw in aws
+    ]
     return await asyncio.gather(*wrapped, return_exceptions=return_exceptions)
 
 
 async def _child(scope: MultiScope, work: Coroutine[Any, Any, T]) -> T:
+    """One coroutine of db.gather(), run in a GuardedTask: its session is finalized under guard."""
+    task = asyncio.current_task()
+    assert isinstance(task, GuardedTask)
     try:
         child, previous = await scope.enter_slot(scope.pool_timeout)
     except BaseException:
@@ -331,7 +339,11 @@ async def _child(scope: MultiScope, work: Coroutine[Any, Any, T]) -> T:
         result = await work
         failed = False
     finally:
-        await scope.leave_slot(child, previous, failed=failed)
+        task.guard()
+        try:
+            await scope.leave_slot(child, previous, failed=failed)
+        finally:
+            task.unguard()
     return result
 
 

@@ -116,6 +116,38 @@ class _Cleanup(asyncio.Task[T]):
         return False
 
 
+class GuardedTask(asyncio.Task[T]):
+    """A task that holds back its own cancellation while it cleans up.
+
+    Between :meth:`guard` and :meth:`unguard`, ``cancel()`` is recorded instead of delivered, and
+    :meth:`unguard` (called by the task's own coroutine) raises it. Inside the guard,
+    :func:`run_to_completion` awaits its work directly: the task is its own shield, which saves
+    the cleanup task and its trip through the event loop (about 15 µs for a close that waits on
+    the database). ``db.gather()`` runs each coroutine in one of these.
+    """
+
+    guarded = False
+    _held: tuple[Any, ...] | None = None  # CancelledError's arguments, for a cancel held back
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if self.guarded:
+            if self.done():
+                return False
+            self._held = () if msg is None else (msg,)
+            return True
+        return super().cancel(msg)
+
+    def guard(self) -> None:
+        self.guarded = True
+
+    def unguard(self) -> None:
+        """End the guard; a cancellation held back meanwhile is raised here, in the task."""
+        self.guarded = False
+        held, self._held = self._held, None
+        if held is not None:
+            raise asyncio.CancelledError(*held)
+
+
 async def run_to_completion(work: Coroutine[Any, Any, T]) -> T:
     """Await ``work`` to its end even if the caller is cancelled meanwhile.
 
@@ -123,6 +155,9 @@ async def run_to_completion(work: Coroutine[Any, Any, T]) -> T:
     is never cut short and cancellation is never lost. On Python 3.12+ the work starts at once
     and, when it never suspends, costs no trip through the event loop.
     """
+    current = asyncio.current_task()
+    if type(current) is GuardedTask and current.guarded:
+        return await work  # the caller holds its cancellations back itself
     loop = asyncio.get_running_loop()
     if _EAGER:
         task: _Cleanup[T] = _Cleanup(work, loop=loop, eager_start=True)  # type: ignore[call-arg]
