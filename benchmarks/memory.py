@@ -117,6 +117,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             before = tracemalloc.take_snapshot()
             await run(args.trace_requests)
             gc.collect()
+            middle = tracemalloc.take_snapshot()
+            await run(args.trace_requests)
+            gc.collect()
             after = tracemalloc.take_snapshot()
             tracemalloc.stop()
             trace_seconds = time.perf_counter() - started - requests_seconds
@@ -131,8 +134,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "count_diff": stat.count_diff,
         }
 
+    # A site grows if it grew over both stretches of requests: a leak grows with every request,
+    # while an object that merely happened to be alive at one snapshot (a task in flight, a
+    # free list) shows up once and then stays level.
     by_line = after.compare_to(before, "lineno")
-    growing = [stat for stat in by_line if stat.size_diff > 0]
+    first = {stat.traceback[0]: stat.size_diff for stat in middle.compare_to(before, "lineno")}
+    second = {stat.traceback[0]: stat.size_diff for stat in after.compare_to(middle, "lineno")}
+    growing = [
+        stat
+        for stat in by_line
+        if stat.size_diff > 0
+        and first.get(stat.traceback[0], 0) > 0
+        and second.get(stat.traceback[0], 0) > 0
+    ]
     ours = [stat for stat in growing if stat.traceback[0].filename.startswith(package_dir)]
     return {
         "package": str(fastapi_async_sqlalchemy.__version__),

@@ -789,8 +789,9 @@ def report(
             f"{first['requests']:,} requests in-process on SQLite after "
             f"{first['warmup']:,} warm-up requests; each reads `db.session` "
             f"(`commit_on_exit=True`), every {first['io_every']}th also runs an INSERT. RSS after "
-            f"`gc.collect()`; tracemalloc (1 frame) compares two snapshots "
-            f"{first['trace_requests']:,} requests apart."
+            f"`gc.collect()`; tracemalloc (1 frame) takes three snapshots "
+            f"{first['trace_requests']:,} requests apart, and a site grows if it grew over both "
+            "stretches (tracemalloc growth: first to last snapshot)."
         )
         add("")
         add(

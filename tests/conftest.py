@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import registry
 from sqlalchemy.pool import NullPool
 
 from fastapi_async_sqlalchemy import DBSessionMeta, create_middleware_and_session_proxy
@@ -42,6 +43,17 @@ items = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("name", String(50), unique=True),
 )
+
+
+class Row:
+    """``items`` mapped for the ORM: a row added with ``session.add()`` is flushed at commit."""
+
+    def __init__(self, id: int, name: str) -> None:
+        self.id = id
+        self.name = name
+
+
+registry().map_imperatively(Row, items)
 
 
 @dataclass

@@ -12,9 +12,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from conftest import Database, items, new_item, serve
+from conftest import Database, Row, items, new_item, serve
 from fastapi import FastAPI
 from sqlalchemy import event, func, select, text
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.pool import NullPool, QueuePool
 
 from fastapi_async_sqlalchemy import (
@@ -415,6 +416,22 @@ async def test_throttled_gather_refuses_non_coroutines_and_closes_the_rest(
     assert checked_out(db) == 0
 
 
+async def test_gather_refuses_a_non_awaitable_before_any_child_starts(db: DBSessionMeta) -> None:
+    """An argument that cannot be awaited is refused before anything runs; the rest is closed."""
+    started: list[str] = []
+
+    async def work() -> None:
+        started.append("work")
+
+    before, after = work(), work()
+    async with db(multi_sessions=True):
+        with pytest.raises(TypeError, match="takes awaitables, not int"):
+            await db.gather(before, 42, after)  # type: ignore[arg-type]
+    await asyncio.sleep(0)  # a child started by mistake would run now
+    assert started == []
+    assert_closed_for_good(before, after)
+
+
 @pytest.mark.parametrize("throttle", [{"max_concurrent": 2}, {"pool_timeout": 5}])
 async def test_unslotted_task_is_refused_db_session_when_throttled(
     database: Database, db: DBSessionMeta, throttle: dict[str, Any]
@@ -789,6 +806,68 @@ async def test_cancel_during_a_gathered_childs_finalize_waits_for_it(
     assert invalidated == []
     assert checked_out(db) == 0
     assert await database.names() == (["finishing"] if ending == "commit" else [])
+
+
+async def test_cancel_requested_before_a_childs_commit_waits_for_it(
+    database: Database, db: DBSessionMeta
+) -> None:
+    """A child that cancels its caller on its way out ("got my answer") still commits whole.
+
+    The cancellation is requested while the child runs, so it is pending when the commit starts;
+    it must be delivered after the commit, not at the commit's first wait on the database.
+    """
+    invalidated: list[object] = []
+    event.listen(db.engine.sync_engine, "invalidate", lambda *args: invalidated.append(args))
+
+    async def winner() -> None:
+        await db.session.execute(new_item("winner"))
+        block.cancel()
+
+    async def run() -> None:
+        async with db(multi_sessions=True, commit_on_exit=True):
+            await db.gather(winner())
+
+    async with asyncio.timeout(10):
+        block = asyncio.create_task(run())
+        with pytest.raises(asyncio.CancelledError):
+            await block
+
+    assert invalidated == []
+    assert checked_out(db) == 0
+    assert await database.names() == ["winner"]
+
+
+@pytest.mark.parametrize("return_exceptions", [True, False])
+async def test_connection_wait_in_a_childs_commit_keeps_its_deadline(
+    database: Database, return_exceptions: bool
+) -> None:
+    """A child whose commit must wait for a connection gets the pool's TimeoutError in time.
+
+    The commit flushes a row added with ``session.add()``, so it checks out a connection while
+    another holds the only one: without the pool's deadline it would wait as long as that one is
+    held, and the deadline must not be mistaken for a cancellation of the child.
+    """
+
+    async def add_row() -> None:
+        db.session.add(Row(1, "never"))
+
+    async def block() -> list[Any]:
+        async with db(multi_sessions=True, commit_on_exit=True):
+            try:
+                return await db.gather(add_row(), return_exceptions=return_exceptions)
+            except SQLAlchemyTimeoutError as exc:
+                return [exc]
+
+    async with bound(database.url, pool_size=1, max_overflow=0, pool_timeout=0.2) as db:
+        async with db.engine.connect() as holder:  # the only connection, held meanwhile
+            await holder.execute(text("SELECT 1"))
+            # Not asyncio.timeout(): a commit that ignores deadlines would ignore that one too.
+            running = asyncio.create_task(block())
+            done, _ = await asyncio.wait({running}, timeout=10)
+            assert done, "the commit waited for a connection past the pool's deadline"
+        assert [type(result) for result in running.result()] == [SQLAlchemyTimeoutError]
+        assert checked_out(db) == 0
+    assert await database.names() == []
 
 
 @pytest.mark.parametrize(("multi_commits", "nested_commits"), [(False, True), (True, False)])

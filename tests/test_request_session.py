@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from conftest import Database, make_app, new_item, serve
+from conftest import Database, Row, make_app, new_item, serve
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from sqlalchemy import event, text
@@ -93,6 +94,39 @@ async def test_commit_failure_is_raised_to_the_server_with_its_traceback(
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             with pytest.raises(IntegrityError):
                 await client.post("/write")
+
+
+async def test_commit_that_waits_for_a_connection_keeps_the_pools_deadline(
+    database: Database,
+) -> None:
+    """A commit that must check out a connection from a full pool fails in time with a 500.
+
+    The route only adds a row (``session.add()``), so the connection is checked out by the
+    commit, which runs shielded from cancellation; the pool's own deadline must still apply.
+    """
+    app, db = make_app(
+        database,
+        commit_on_exit=True,
+        engine_args={"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.2},
+    )
+
+    @app.post("/add")
+    async def add() -> dict[str, str]:
+        db.session.add(Row(1, "never"))
+        return {"status": "ok"}
+
+    async with serve(app) as client:
+        async with db.engine.connect() as holder:  # the only connection, held meanwhile
+            await holder.execute(text("SELECT 1"))
+            # Not asyncio.timeout(): a commit that ignores deadlines would ignore that one too.
+            request = asyncio.create_task(client.post("/add"))
+            done, _ = await asyncio.wait({request}, timeout=10)
+            assert done, "the commit waited for a connection past the pool's deadline"
+        response = request.result()
+        assert db.engine.pool.checkedout() == 0
+
+    assert response.status_code == 500
+    assert await database.names() == []
 
 
 async def test_request_that_never_touches_the_database_checks_out_no_connection(

@@ -10,11 +10,12 @@ block ends; tasks still running then are cancelled, and the user is told.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Coroutine
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy.exc import TimeoutError as SQLAlchemyPoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -299,30 +300,49 @@ async def borrow_within(session: AsyncSession, deadline: float) -> AsyncSession:
 async def gather_children(
     scope: MultiScope, aws: tuple[Awaitable[Any], ...], return_exceptions: bool
 ) -> list[Any]:
-    """``db.gather()`` in a multi-session block: each coroutine runs as a slotted child."""
+    """``db.gather()`` in a multi-session block: each coroutine runs as a slotted child.
+
+    Everything is checked before any child starts; when a check fails, every coroutine passed
+    is closed (none is left "never awaited") and nothing runs.
+    """
     if scope.throttled:
         bad = [aw for aw in aws if not asyncio.iscoroutine(aw)]
-        if bad or scope.holds_slot():
-            for aw in aws:
-                if asyncio.iscoroutine(aw):
-                    aw.close()
         if bad:
             kinds = ", ".join(sorted({type(aw).__name__ for aw in bad}))
-            raise CoroutineRequiredError(
-                f"db.gather() with max_concurrent or pool_timeout takes coroutines, not {kinds}: "
-                "pass `work()` rather than `asyncio.create_task(work())`, so each runs in a slot."
+            _refuse(
+                aws,
+                CoroutineRequiredError(
+                    f"db.gather() with max_concurrent or pool_timeout takes coroutines, not "
+                    f"{kinds}: pass `work()` rather than `asyncio.create_task(work())`, so each "
+                    "runs in a slot."
+                ),
             )
         if scope.holds_slot():
-            raise ConcurrencyError(
-                "db.gather() was called from a task that holds a max_concurrent slot and would "
-                "wait for slots its own caller holds: call db.gather() from the block itself, or "
-                "await the coroutines one by one in this slot."
+            _refuse(
+                aws,
+                ConcurrencyError(
+                    "db.gather() was called from a task that holds a max_concurrent slot and "
+                    "would wait for slots its own caller holds: call db.gather() from the block "
+                    "itself, or await the coroutines one by one in this slot."
+                ),
             )
+    else:
+        bad = [aw for aw in aws if not inspect.isawaitable(aw)]
+        if bad:
+            kinds = ", ".join(sorted({type(aw).__name__ for aw in bad}))
+            _refuse(aws, TypeError(f"db.gather() takes awaitables, not {kinds}."))
     loop = asyncio.get_running_loop()
     wrapped = [
         GuardedTask(_child(scope, aw), loop=loop) if asyncio.iscoroutine(aw) else aw for aw in aws
     ]
     return await asyncio.gather(*wrapped, return_exceptions=return_exceptions)
+
+
+def _refuse(aws: tuple[Awaitable[Any], ...], error: Exception) -> NoReturn:
+    for aw in aws:
+        if asyncio.iscoroutine(aw):
+            aw.close()
+    raise error
 
 
 async def _child(scope: MultiScope, work: Coroutine[Any, Any, T]) -> T:

@@ -105,14 +105,34 @@ async def _close(session: AsyncSession) -> None:
 _EAGER = sys.version_info >= (3, 12)  # Task(..., eager_start=True) exists
 
 
+# The code of the callback by which an expiring asyncio.timeout() cancels its task.
+_ON_TIMEOUT: object = getattr(asyncio.timeouts.Timeout, "_on_timeout").__code__  # noqa: B009
+
+
+def _cancelled_by_own_timeout(task: asyncio.Task[Any]) -> bool:
+    """Whether ``task.cancel()`` was called by an ``asyncio.timeout()`` entered in ``task``.
+
+    Such a cancellation is the cleanup's own: SQLAlchemy bounds its wait for a pool connection
+    (a commit that flushes may need one) with ``asyncio.wait_for()``, which on Python 3.12+
+    cancels the current task when time runs out. Refusing it would make that wait endless.
+    Called from a ``cancel()`` override: frame 2 is whoever called ``cancel()``.
+    """
+    frame = sys._getframe(2)
+    if frame.f_code is not _ON_TIMEOUT:
+        return False
+    return getattr(frame.f_locals.get("self"), "_task", None) is task
+
+
 class _Cleanup(asyncio.Task[T]):
-    """A task that refuses to be cancelled.
+    """A task that refuses to be cancelled, but by a timeout of its own.
 
     Awaiting it passes on no cancellation: asyncio holds the awaiting task's cancellation back
     and delivers it once this task is done, so the cleanup always finishes first.
     """
 
     def cancel(self, msg: Any | None = None) -> bool:
+        if _cancelled_by_own_timeout(self):
+            return super().cancel(msg)
         return False
 
 
@@ -120,7 +140,8 @@ class GuardedTask(asyncio.Task[T]):
     """A task that holds back its own cancellation while it cleans up.
 
     Between :meth:`guard` and :meth:`unguard`, ``cancel()`` is recorded instead of delivered, and
-    :meth:`unguard` (called by the task's own coroutine) raises it. Inside the guard,
+    :meth:`unguard` (called by the task's own coroutine) raises it; a timeout that the guarded
+    code entered itself still fires. Inside the guard,
     :func:`run_to_completion` awaits its work directly: the task is its own shield, which saves
     the cleanup task and its trip through the event loop (about 15 µs for a close that waits on
     the database). ``db.gather()`` runs each coroutine in one of these.
@@ -130,7 +151,7 @@ class GuardedTask(asyncio.Task[T]):
     _held: tuple[Any, ...] | None = None  # CancelledError's arguments, for a cancel held back
 
     def cancel(self, msg: Any | None = None) -> bool:
-        if self.guarded:
+        if self.guarded and not _cancelled_by_own_timeout(self):
             if self.done():
                 return False
             self._held = () if msg is None else (msg,)
@@ -138,7 +159,14 @@ class GuardedTask(asyncio.Task[T]):
         return super().cancel(msg)
 
     def guard(self) -> None:
-        self.guarded = True
+        """Hold back cancellations from now on, unless one is already requested.
+
+        A cancellation requested earlier (say while the task ran, with nothing to interrupt)
+        would land at the guarded code's first ``await``: then the guard stays off, and
+        :func:`run_to_completion` shields the cleanup with a task of its own.
+        """
+        if self.cancelling() == 0:
+            self.guarded = True
 
     def unguard(self) -> None:
         """End the guard; a cancellation held back meanwhile is raised here, in the task."""
