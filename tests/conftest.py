@@ -9,13 +9,14 @@ server that cannot be reached skips its tests on a developer's machine and fails
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -28,6 +29,8 @@ from sqlalchemy.orm import registry
 from sqlalchemy.pool import NullPool
 
 from fastapi_async_sqlalchemy import DBSessionMeta, create_middleware_and_session_proxy
+
+T = TypeVar("T")
 
 SERVER_URLS = {
     "postgresql": os.environ.get(
@@ -145,6 +148,37 @@ async def database(database_url: str) -> AsyncIterator[Database]:
     async with check.begin() as connection:
         await connection.run_sync(metadata.drop_all)
     await check.dispose()
+
+
+async def unused_app(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app for middlewares that only bind a proxy and are never called."""
+    raise AssertionError("the ASGI app is not called in these tests")
+
+
+@asynccontextmanager
+async def bound(url: str, **engine_args: Any) -> AsyncIterator[DBSessionMeta]:
+    """A fresh proxy bound by a middleware built outside any app, disposed at the end."""
+    Middleware, proxy = create_middleware_and_session_proxy()
+    middleware = Middleware(app=unused_app, db_url=url, engine_args=engine_args)
+    try:
+        yield proxy
+    finally:
+        await middleware.dispose()
+
+
+async def while_the_pool_is_held(engine: AsyncEngine, work: Awaitable[T]) -> T:
+    """Run ``work`` while a connection of ``engine``'s pool (its only one) is held elsewhere.
+
+    ``work`` must end by itself within 10 s; not by ``asyncio.timeout()``, which a cleanup that
+    ignores deadlines would ignore too. Once the holder lets go, a stuck ``work`` can finish, so
+    a failure here does not hang the test run.
+    """
+    async with engine.connect() as holder:
+        await holder.execute(select(1))
+        task = asyncio.ensure_future(work)
+        done, _ = await asyncio.wait({task}, timeout=10)
+        assert done, "the work waited for a connection past the pool's deadline"
+    return task.result()
 
 
 def make_app(database: Database, **options: Any) -> tuple[FastAPI, DBSessionMeta]:

@@ -152,7 +152,6 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
-        self.connections = 0  # relayed so far
 
     async def up(self) -> None:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
@@ -181,7 +180,6 @@ class TcpProxy:
                 return
             server_reader, server = await asyncio.open_connection(*self.upstream)
             self._writers.add(server)
-            self.connections += 1
             await asyncio.gather(
                 self._pipe(client_reader, server), self._pipe(server_reader, client)
             )
@@ -222,7 +220,6 @@ class ServerConnections:
         self.tag = f"faults-{os.getpid()}-{tag}"[:60]
         self.database = make_url(url).database
         self.ids: set[int] = set()
-        self.killed = 0
         self.admin: AsyncEngine | None = (
             create_async_engine(url, pool_size=2, max_overflow=8)
             if backend in ("postgresql", "mariadb")
@@ -308,7 +305,6 @@ class ServerConnections:
                     return  # already gone
                 await connection.execute(text(f"KILL CONNECTION {int(server_id)}"))
             await connection.commit()
-        self.killed += 1
 
     async def kill_all(self) -> None:
         """Kill every connection of ours the server still shows (after a leak: so that no lock

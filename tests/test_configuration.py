@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Database, items, metadata, new_item, serve
+from conftest import Database, items, metadata, new_item, serve, unused_app
 from fastapi import FastAPI
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
@@ -32,11 +32,6 @@ pytestmark = pytest.mark.anyio
 
 PASSWORD = "s3cr3t-pw"
 SECRET_URL = f"postgresql+asyncpg://user:{PASSWORD}@127.0.0.1:1/x"
-
-
-async def unused_app(scope: Any, receive: Any, send: Any) -> None:
-    """An ASGI app for middlewares that only bind a proxy and are never called."""
-    raise AssertionError("the ASGI app is not called in these tests")
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from conftest import Database, items, new_item, serve
+from conftest import Database, items, new_item, serve, unused_app
 from fastapi import FastAPI
 from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import InvalidRequestError
@@ -25,11 +25,6 @@ pytestmark = pytest.mark.anyio
 
 class Boom(Exception):
     """The error a block raises on purpose."""
-
-
-async def unused_app(scope: Any, receive: Any, send: Any) -> None:
-    """An ASGI app for middlewares that only bind a proxy and are never called."""
-    raise AssertionError("the ASGI app is not called in these tests")
 
 
 @pytest.fixture

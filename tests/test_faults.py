@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 from asgi_lifespan import LifespanManager
-from conftest import Database, new_item
+from conftest import Database, bound, new_item, unused_app
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from faultkit import (
@@ -909,10 +909,6 @@ async def every_permit_is_free(service: Service, permits: int) -> list[int | Non
 PASSWORD = "s3cr3t-pw"
 
 
-async def unused_app(scope: Any, receive: Any, send: Any) -> None:
-    raise AssertionError("the ASGI app is not called in these tests")
-
-
 def session_keywords() -> frozenset[str]:
     """The keywords an AsyncSession (and the Session under it) accepts: the documented rule."""
     names = {"class_"}
@@ -1037,11 +1033,13 @@ SCOPE_ARGUMENTS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]
     # Good deadlines long enough to connect within: a cancelled connect is not what is tested.
     "pool_timeout": (st.one_of(st.none(), st.floats(1, 1e6), st.integers(1, 10**6)), SECONDS_BAD),
 }
-CORRUPTIONS = [
-    "none",
-    *(name for name in MIDDLEWARE_ARGUMENTS if name != "commit_on_exit"),
-    "several",
-]
+
+
+def corruptions(
+    catalog: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]],
+) -> list[str]:
+    """ "none", each argument that has bad values, and "several" at once."""
+    return ["none", *(name for name in catalog if name != "commit_on_exit"), "several"]
 
 
 @st.composite
@@ -1136,6 +1134,17 @@ def are_session_args(value: object) -> bool:
     return isinstance(session_class, type) and issubclass(session_class, AsyncSession)
 
 
+def refusal_problems(refused: BaseException) -> list[str]:
+    """What is wrong with how an argument set was refused: the type, or a multi-line message."""
+    kind = type(refused).__name__
+    problems = []
+    if not isinstance(refused, REFUSALS):
+        problems.append(f"refused with a {kind}, not a ValueError/TypeError: {refused}")
+    if "\n" in str(refused).strip():
+        problems.append(f"the {kind}'s message is not one line: {refused}")
+    return problems
+
+
 def shows_the_password(exc: BaseException) -> bool:
     """Whether the message, the repr or the printed traceback (causes included) holds it."""
     return any(
@@ -1143,7 +1152,7 @@ def shows_the_password(exc: BaseException) -> bool:
     )
 
 
-@pytest.mark.parametrize("corrupted", CORRUPTIONS)
+@pytest.mark.parametrize("corrupted", corruptions(MIDDLEWARE_ARGUMENTS))
 @EXAMPLES
 @seed(SEED)
 @given(data=st.data())
@@ -1206,12 +1215,9 @@ def test_bad_middleware_arguments_are_refused_up_front_and_never_show_the_passwo
     problems = []
     if refused is not None:
         kind = type(refused).__name__
-        if not isinstance(refused, REFUSALS):
-            problems.append(f"refused with a {kind}, not a ValueError/TypeError: {refused}")
+        problems += refusal_problems(refused)
         if shows_the_password(refused):
             problems.append(f"the {kind} shows the password")
-        if "\n" in str(refused).strip():
-            problems.append(f"the {kind}'s message is not one line: {refused}")
         if created:
             problems.append(f"an engine was created before the {kind}: {refused}")
         if db._binding is not None:
@@ -1232,15 +1238,12 @@ def test_bad_middleware_arguments_are_refused_up_front_and_never_show_the_passwo
     assert not problems, problems
 
 
-@pytest.mark.parametrize(
-    "corrupted",
-    ["none", *(name for name in SCOPE_ARGUMENTS if name != "commit_on_exit"), "several"],
-)
+@pytest.mark.parametrize("corrupted", corruptions(SCOPE_ARGUMENTS))
 @EXAMPLES
 @seed(SEED)
 @given(data=st.data())
 def test_bad_scope_arguments_are_refused_before_a_session_is_opened(
-    bad_input: dict[str, BadInput], corrupted: str, data: st.DataObject
+    bad_input: dict[str, BadInput], database_url: str, corrupted: str, data: st.DataObject
 ) -> None:
     """db(...) with any arguments opens a scope whose session works, or raises a one-line
     ValueError/TypeError at the call, before any connection is checked out."""
@@ -1258,17 +1261,15 @@ def test_bad_scope_arguments_are_refused_before_a_session_is_opened(
             pool_timeout is None or is_seconds(pool_timeout),
         ]
     )
-    Middleware, db = create_middleware_and_session_proxy()
-    middleware = Middleware(app=unused_app, db_url="sqlite+aiosqlite://")
     pool_events: list[str] = []
-    for name in ("checkout", "checkin"):
-        event.listen(
-            middleware.engine.sync_engine, name, lambda *args, name=name: pool_events.append(name)
-        )
 
     async def open_scope() -> tuple[BaseException | None, BaseException | None]:
         """What the call refused with, or else what entering the scope raised."""
-        try:
+        async with bound(database_url) as db:
+            for name in ("checkout", "checkin"):
+                event.listen(
+                    db.engine.sync_engine, name, lambda *args, name=name: pool_events.append(name)
+                )
             try:
                 scope = db(**drawn)
             except Exception as exc:
@@ -1283,19 +1284,14 @@ def test_bad_scope_arguments_are_refused_before_a_session_is_opened(
             except Exception as exc:
                 return None, exc
             return None, None
-        finally:
-            await middleware.dispose()
 
     refused, failed = asyncio.run(open_scope())
     problems = []
     if refused is not None:
         kind = type(refused).__name__
-        if not isinstance(refused, REFUSALS):
-            problems.append(f"refused with a {kind}, not a ValueError/TypeError: {refused}")
+        problems += refusal_problems(refused)
         if valid and not binds_itself:
             problems.append(f"valid arguments refused: {refused}")
-        if "\n" in str(refused).strip():
-            problems.append(f"the {kind}'s message is not one line: {refused}")
         if pool_events:
             problems.append(f"a connection was checked out before the {kind}")
     else:

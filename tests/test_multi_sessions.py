@@ -8,11 +8,18 @@ import inspect
 import math
 import weakref
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from conftest import Database, Row, items, new_item, serve
+from conftest import (
+    Database,
+    Row,
+    bound,
+    items,
+    new_item,
+    serve,
+    while_the_pool_is_held,
+)
 from fastapi import FastAPI
 from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
@@ -43,22 +50,6 @@ POOL_STATUS_KEYS = {
 
 class Boom(Exception):
     """The error a child or a block raises on purpose."""
-
-
-async def unused_app(scope: Any, receive: Any, send: Any) -> None:
-    """An ASGI app for middlewares that only bind a proxy and are never called."""
-    raise AssertionError("the ASGI app is not called in these tests")
-
-
-@asynccontextmanager
-async def bound(url: str, **engine_args: Any) -> AsyncIterator[DBSessionMeta]:
-    """A fresh proxy bound by a middleware built outside any app, disposed at the end."""
-    Middleware, proxy = create_middleware_and_session_proxy()
-    middleware = Middleware(app=unused_app, db_url=url, engine_args=engine_args)
-    try:
-        yield proxy
-    finally:
-        await middleware.dispose()
 
 
 @pytest.fixture
@@ -859,13 +850,8 @@ async def test_connection_wait_in_a_childs_commit_keeps_its_deadline(
                 return [exc]
 
     async with bound(database.url, pool_size=1, max_overflow=0, pool_timeout=0.2) as db:
-        async with db.engine.connect() as holder:  # the only connection, held meanwhile
-            await holder.execute(text("SELECT 1"))
-            # Not asyncio.timeout(): a commit that ignores deadlines would ignore that one too.
-            running = asyncio.create_task(block())
-            done, _ = await asyncio.wait({running}, timeout=10)
-            assert done, "the commit waited for a connection past the pool's deadline"
-        assert [type(result) for result in running.result()] == [SQLAlchemyTimeoutError]
+        results = await while_the_pool_is_held(db.engine, block())
+        assert [type(result) for result in results] == [SQLAlchemyTimeoutError]
         assert checked_out(db) == 0
     assert await database.names() == []
 

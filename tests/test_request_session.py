@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from conftest import Database, Row, make_app, new_item, serve
+from conftest import Database, Row, make_app, new_item, serve, while_the_pool_is_held
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from sqlalchemy import event, text
@@ -116,13 +115,7 @@ async def test_commit_that_waits_for_a_connection_keeps_the_pools_deadline(
         return {"status": "ok"}
 
     async with serve(app) as client:
-        async with db.engine.connect() as holder:  # the only connection, held meanwhile
-            await holder.execute(text("SELECT 1"))
-            # Not asyncio.timeout(): a commit that ignores deadlines would ignore that one too.
-            request = asyncio.create_task(client.post("/add"))
-            done, _ = await asyncio.wait({request}, timeout=10)
-            assert done, "the commit waited for a connection past the pool's deadline"
-        response = request.result()
+        response = await while_the_pool_is_held(db.engine, client.post("/add"))
         assert db.engine.pool.checkedout() == 0
 
     assert response.status_code == 500

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar
@@ -308,13 +308,12 @@ async def gather_children(
     if scope.throttled:
         bad = [aw for aw in aws if not asyncio.iscoroutine(aw)]
         if bad:
-            kinds = ", ".join(sorted({type(aw).__name__ for aw in bad}))
             _refuse(
                 aws,
                 CoroutineRequiredError(
                     f"db.gather() with max_concurrent or pool_timeout takes coroutines, not "
-                    f"{kinds}: pass `work()` rather than `asyncio.create_task(work())`, so each "
-                    "runs in a slot."
+                    f"{_kinds(bad)}: pass `work()` rather than `asyncio.create_task(work())`, so "
+                    "each runs in a slot."
                 ),
             )
         if scope.holds_slot():
@@ -329,8 +328,7 @@ async def gather_children(
     else:
         bad = [aw for aw in aws if not inspect.isawaitable(aw)]
         if bad:
-            kinds = ", ".join(sorted({type(aw).__name__ for aw in bad}))
-            _refuse(aws, TypeError(f"db.gather() takes awaitables, not {kinds}."))
+            _refuse(aws, TypeError(f"db.gather() takes awaitables, not {_kinds(bad)}."))
     loop = asyncio.get_running_loop()
     wrapped = [
         GuardedTask(_child(scope, aw), loop=loop) if asyncio.iscoroutine(aw) else aw for aw in aws
@@ -338,7 +336,12 @@ async def gather_children(
     return await asyncio.gather(*wrapped, return_exceptions=return_exceptions)
 
 
+def _kinds(refused: Iterable[object]) -> str:
+    return ", ".join(sorted({type(item).__name__ for item in refused}))
+
+
 def _refuse(aws: tuple[Awaitable[Any], ...], error: Exception) -> NoReturn:
+    """Close every coroutine passed (none is left "never awaited"), then raise ``error``."""
     for aw in aws:
         if asyncio.iscoroutine(aw):
             aw.close()

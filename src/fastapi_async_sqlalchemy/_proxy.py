@@ -208,9 +208,9 @@ class DBSessionMeta:
         binding = self._require_binding()
         if not session_args:
             return binding.factory
+        # The factory's own keywords hold its bind (the engine); session_args may override it.
         options = {"class_": binding.factory.class_, **binding.factory.kw, **session_args}
-        bind = options.pop("bind", None)
-        return make_session_factory(bind if "bind" in session_args else binding.engine, options)
+        return make_session_factory(options.pop("bind", binding.engine), options)
 
 
 class ExplicitScope:
