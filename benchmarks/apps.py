@@ -32,7 +32,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 CONTENDERS = ("floor", "raw", "depends", "ours", "published")
 SCENARIOS = ("nodb", "select1", "insert", "gather", "concurrent")
-MIDDLEWARE_CONTENDERS = ("ours", "published")
 
 GATHER_QUERIES = 4
 GATHER_LIMIT = 2

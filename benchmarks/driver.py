@@ -75,6 +75,25 @@ async def request(app: ASGIApp, scope: dict[str, Any]) -> Exchange:
     return exchange
 
 
+async def serve(app: ASGIApp, scope: dict[str, Any], count: int, concurrency: int = 1) -> None:
+    """Send ``count`` requests through ``app``, ``concurrency`` at a time; any status but 200
+    raises."""
+
+    async def serial(n: int) -> None:
+        for _ in range(n):
+            exchange = await request(app, scope)
+            if exchange.status != 200:
+                raise RuntimeError(
+                    f"{scope['path']}: HTTP {exchange.status} {exchange.body[:300]!r}"
+                )
+
+    if concurrency == 1:  # no task per batch: the serial timings stay as they are
+        await serial(count)
+    else:
+        per_task, extra = divmod(count, concurrency)
+        await asyncio.gather(*(serial(per_task + (i < extra)) for i in range(concurrency)))
+
+
 @asynccontextmanager
 async def lifespan(app: ASGIApp):  # type: ignore[no-untyped-def]
     """Run the app's ASGI lifespan: startup on entry, shutdown on exit."""

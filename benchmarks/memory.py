@@ -86,10 +86,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     scope = driver.http_scope("POST", "/memory")
 
     async def run(count: int) -> None:
-        for _ in range(count):
-            exchange = await driver.request(app, scope)
-            if exchange.status != 200:
-                raise RuntimeError(f"HTTP {exchange.status}: {exchange.body[:300]!r}")
+        await driver.serve(app, scope, count)
 
     try:
         async with driver.lifespan(app):

@@ -26,7 +26,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -38,19 +37,6 @@ URLS = {
     "sqlite": "sqlite+aiosqlite:////tmp/fasa-bench-profile.sqlite3",
     "postgresql": "postgresql+asyncpg://postgres@127.0.0.1:5432/bench",
 }
-
-
-async def _serve(app: Any, scope: dict[str, Any], count: int, concurrency: int) -> None:
-    async def serial(n: int) -> None:
-        for _ in range(n):
-            exchange = await driver.request(app, scope)
-            if exchange.status != 200:
-                raise RuntimeError(f"HTTP {exchange.status}: {exchange.body[:300]!r}")
-
-    if concurrency == 1:
-        await serial(count)
-    else:
-        await asyncio.gather(*(serial(count // concurrency) for _ in range(concurrency)))
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -66,7 +52,7 @@ async def main(args: argparse.Namespace) -> None:
         await lifespan.__aenter__()
     try:
         for app in built.values():
-            await _serve(app, scope, args.requests // 5 or 1, concurrency)
+            await driver.serve(app, scope, args.requests // 5 or 1, concurrency)
         if args.compare:
             cpu: dict[str, list[float]] = {name: [] for name in names}
             for round_number in range(args.rounds):
@@ -74,7 +60,7 @@ async def main(args: argparse.Namespace) -> None:
                 for name in order:
                     gc.collect()
                     start = time.process_time_ns()
-                    await _serve(built[name], scope, args.requests, concurrency)
+                    await driver.serve(built[name], scope, args.requests, concurrency)
                     cpu[name].append((time.process_time_ns() - start) / args.requests / 1000)
             base = statistics.median(cpu[names[0]])
             print(
@@ -91,14 +77,14 @@ async def main(args: argparse.Namespace) -> None:
 
             profiler = Profiler(interval=0.0001, async_mode="disabled")
             profiler.start()
-            await _serve(app, scope, args.requests, concurrency)
+            await driver.serve(app, scope, args.requests, concurrency)
             profiler.stop()
             print(profiler.output_text(unicode=True, color=False, show_all=False))
             return
         profile = cProfile.Profile()
         start = time.process_time_ns()
         profile.enable()
-        await _serve(app, scope, args.requests, concurrency)
+        await driver.serve(app, scope, args.requests, concurrency)
         profile.disable()
         per_request = (time.process_time_ns() - start) / args.requests / 1000
     finally:

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,6 @@ DOCS = ROOT / "docs" / "performance.md"
 PUBLISHED = "fastapi-async-sqlalchemy==0.8.1"
 
 SCENARIOS = ("nodb", "select1", "insert", "gather", "concurrent")
-DATABASES = ("sqlite", "postgresql", "mariadb")
 MODES = ("inproc", "uvicorn")
 # (label, worker --contender, virtual environment). "raw2" runs the raw contender a second time:
 # raw2/raw of the same round is the sanity ratio, the noise floor of every other ratio.
@@ -68,13 +68,6 @@ LABELS = {
     "ours": "ours",
     "published": "0.8.1",
     "raw2": "raw again",
-}
-SCENARIO_TEXT = {
-    "nodb": "route that never touches the database",
-    "select1": "`SELECT 1` on the request's session",
-    "insert": "one INSERT, committed (`commit_on_exit=True` for the middleware)",
-    "gather": "4 x `SELECT 1` at once, one session each, `max_concurrent=2`",
-    "concurrent": "`SELECT 1` with 50 requests in flight",
 }
 BASELINE = {"nodb": "floor"}  # every other scenario: "raw"
 KNOBS = (
@@ -474,7 +467,6 @@ def finish_memory(venv: str, process: subprocess.Popen[str]) -> dict[str, Any]:
 # -- statistics ------------------------------------------------------------------------------
 
 METRICS = ("us", "cpu_us")
-METRIC_TEXT = {"us": "wall", "cpu_us": "CPU"}
 
 
 def spread(values: list[float]) -> float:
@@ -539,7 +531,7 @@ def _judge(values: list[float | None], limit: float) -> tuple[float | None, str,
     return median, f"{sum(1 for v in defined if v <= limit)}/{len(values)}", median <= limit
 
 
-def _share(sample: dict[str, float], base: str, per: int = 1) -> float | None:
+def _share(sample: dict[str, float], base: str) -> float | None:
     """(ours - base) / (published - base): our overhead as a share of 0.8.1's."""
     published = sample["published"] - sample[base]
     return (sample["ours"] - sample[base]) / published if published > 0 else None
@@ -637,6 +629,28 @@ def _fmt_ratio(entry: dict[str, Any]) -> str:
     return f"{entry['ratio']:.3f} [{min(ratios):.2f}-{max(ratios):.2f}]"
 
 
+def _scenario_table(
+    scenarios: dict[str, Any],
+    names: list[str],
+    fmt: Callable[[dict[str, Any]], str],
+    skip_baseline: bool = False,
+) -> list[str]:
+    """A Markdown table: a row per scenario, a column per contender, ``fmt`` of each metric."""
+
+    def cell(entry: dict[str, Any], name: str) -> str:
+        c = entry["contenders"].get(name)
+        if c is None or (skip_baseline and name == entry["baseline"]):
+            return "n/a"
+        return " · ".join(fmt(c[metric]) for metric in METRICS)
+
+    rows = [
+        f"| {scenario} | " + " | ".join(cell(entry, name) for name in names) + " |"
+        for scenario, entry in scenarios.items()
+    ]
+    head = "| scenario | " + " | ".join(LABELS[name] for name in names) + " |"
+    return [head, "| --- |" + " ---: |" * len(names), *rows]
+
+
 def _verdict(row: dict[str, Any], metric: str) -> str:
     if metric not in row:
         return "n/a"
@@ -730,20 +744,9 @@ def report(
             "rounds ± half their range."
         )
         add("")
-        add("| scenario | " + " | ".join(LABELS[n] for n in names) + " |")
-        add("| --- |" + " ---: |" * len(names))
-        for scenario, entry in scenarios.items():
-            cells = []
-            for name in names:
-                c = entry["contenders"].get(name)
-                cells.append(
-                    "n/a"
-                    if c is None
-                    else " · ".join(
-                        f"{_fmt_us(c[m]['median'])} ±{c[m]['spread']:.0%}" for m in METRICS
-                    )
-                )
-            add(f"| {scenario} | " + " | ".join(cells) + " |")
+        lines += _scenario_table(
+            scenarios, names, lambda m: f"{_fmt_us(m['median'])} ±{m['spread']:.0%}"
+        )
         add("")
         add(
             "Ratio to the baseline of the same round, wall-clock · CPU: the median [lowest-"
@@ -751,18 +754,7 @@ def report(
         )
         add("")
         ratio_names = [n for n in names if n != "floor"]
-        add("| scenario | " + " | ".join(LABELS[n] for n in ratio_names) + " |")
-        add("| --- |" + " ---: |" * len(ratio_names))
-        for scenario, entry in scenarios.items():
-            cells = []
-            for name in ratio_names:
-                c = entry["contenders"].get(name)
-                cells.append(
-                    "n/a"
-                    if c is None or name == entry["baseline"]
-                    else " · ".join(_fmt_ratio(c[m]) for m in METRICS)
-                )
-            add(f"| {scenario} | " + " | ".join(cells) + " |")
+        lines += _scenario_table(scenarios, ratio_names, _fmt_ratio, skip_baseline=True)
         add("")
     if micro:
         add("### The middleware alone")

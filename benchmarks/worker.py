@@ -97,18 +97,8 @@ async def run_inproc(app: Any, scenario: str, total: int, batches: int) -> tuple
     expected = apps.EXPECTED_BODY[scenario]
     concurrency = CONCURRENCY if scenario == "concurrent" else 1
 
-    async def serial(count: int) -> None:
-        for _ in range(count):
-            exchange = await driver.request(app, scope)
-            if exchange.status != 200:
-                raise RuntimeError(f"{path}: HTTP {exchange.status} {exchange.body[:300]!r}")
-
     async def batch(count: int) -> None:
-        if concurrency == 1:
-            await serial(count)
-        else:
-            per_task, extra = divmod(count, concurrency)
-            await asyncio.gather(*(serial(per_task + (i < extra)) for i in range(concurrency)))
+        await driver.serve(app, scope, count, concurrency)
 
     first = await driver.request(app, scope)
     if first.status != 200 or first.body != expected:
