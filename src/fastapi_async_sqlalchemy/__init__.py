@@ -1,5 +1,7 @@
 """SQLAlchemy 2.x async sessions for FastAPI and Starlette, one per request, via ``db.session``."""
 
+# 0.8 code reaches `fastapi_async_sqlalchemy.middleware.X` after `import fastapi_async_sqlalchemy`.
+from . import middleware as middleware
 from ._factory import SQLAlchemyMiddleware, create_middleware_and_session_proxy, db
 from ._proxy import DBSessionMeta
 from .exceptions import (

@@ -117,16 +117,18 @@ def check_url(db_url: object) -> URL:
         ) from None
 
 
-def check_seconds(name: str, value: object) -> float:
-    """A finite number of seconds above zero (bools refused)."""
+def check_seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
+    """A finite number of seconds above zero, or from zero on with ``allow_zero``."""
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or not math.isfinite(value)
-        or value <= 0
+        or value < 0
+        or (value == 0 and not allow_zero)
     ):
+        least = "0 or more" if allow_zero else "greater than 0"
         raise InvalidConfigurationError(
-            f"{name} must be a finite number of seconds greater than 0, not {value!r}."
+            f"{name} must be a finite number of seconds {least}, not {value!r}."
         )
     return float(value)
 

@@ -21,7 +21,7 @@ from ._config import (
 from ._pool import SaturationWarning
 from ._proxy import Binding, DBSessionMeta, restore
 from ._request import WEBSOCKET_SCOPE_ENDED, RequestScope
-from ._scope import Scope, finalize
+from ._scope import Scope, finalize, finalize_after
 from ._types import ASGIApp, ASGIScope, Message, Receive, Send
 from .exceptions import InvalidConfigurationError, ProxyBindingError
 
@@ -61,7 +61,9 @@ class BaseSQLAlchemyMiddleware:
         self.session_args = check_session_args(session_args, allow_bind=False)
         self.exclude_paths = _check_exclude_paths(exclude_paths)
         self.pool_warn_threshold = _check_threshold(pool_warn_threshold)
-        self.pool_warn_interval = check_seconds("pool_warn_interval", pool_warn_interval)
+        self.pool_warn_interval = check_seconds(
+            "pool_warn_interval", pool_warn_interval, allow_zero=True
+        )
         self.max_concurrent_requests = check_positive_int(
             "max_concurrent_requests", max_concurrent_requests
         )
@@ -111,7 +113,7 @@ class BaseSQLAlchemyMiddleware:
     async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            if scope["path"] in self.exclude_paths:
+            if self.exclude_paths and scope.get("path") in self.exclude_paths:
                 await self.app(scope, receive, send)
             elif self._admission is None:
                 await self._http(scope, receive, send)
@@ -130,8 +132,8 @@ class BaseSQLAlchemyMiddleware:
         token = var.set(request)
         try:
             await self.app(scope, receive, request.send)
-        except BaseException:
-            await request.app_raised()
+        except BaseException as exc:
+            await request.app_raised(exc)
             raise
         else:
             await request.app_returned()
@@ -141,14 +143,16 @@ class BaseSQLAlchemyMiddleware:
     async def _admitted_http(
         self, admission: Admission, scope: ASGIScope, receive: Receive, send: Send
     ) -> None:
-        permits = admission.permits()
-        if not await admission.admit(permits):
+        permit = await admission.admit()
+        if permit is None:
             await admission.refuse(send)
             return
         try:
-            await self._http(scope, receive, send)
+            # The permit comes back with the response's last body message, before any
+            # background task of the response runs.
+            await self._http(scope, receive, permit.send_through(send))
         finally:
-            permits.release()
+            permit.release()
 
     async def _websocket(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         connection = Scope(self._binding.factory)
@@ -156,10 +160,10 @@ class BaseSQLAlchemyMiddleware:
         token = var.set(connection)
         try:
             await self.app(scope, receive, send)
-        except BaseException:
+        except BaseException as exc:
             session = connection.end(WEBSOCKET_SCOPE_ENDED)
             if session is not None:
-                await finalize(session, commit=False)
+                await finalize_after(session, exc)
             raise
         else:
             session = connection.end(WEBSOCKET_SCOPE_ENDED)
@@ -172,10 +176,10 @@ class BaseSQLAlchemyMiddleware:
         try:
             self._start()  # a later lifespan cycle of the same app binds the proxy again
         except ProxyBindingError as exc:
-            # Tell the server the app cannot start, as the lifespan protocol expects.
+            # Tell the server the app cannot start, then raise, as Starlette's lifespan does.
             await receive()  # lifespan.startup
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
-            return
+            raise
 
         async def send_and_dispose(message: Message) -> None:
             if message["type"] in _LIFESPAN_ENDS:
@@ -192,12 +196,15 @@ class BaseSQLAlchemyMiddleware:
 
         Call it where no ASGI lifespan ends the app (scripts, ad-hoc tests). It does nothing more
         once it has succeeded, and really retries after it raised. A ``custom_engine`` is never
-        disposed: its creator owns it.
+        disposed (its creator owns it) and the proxy stays bound to it, as in 0.8: sessions can
+        still be opened with ``async with db():`` after the app shut down.
         """
-        self.proxy._unbind(self)
         if self._saturation is not None:
             self._saturation.detach()
-        if self.engine_owned and not self._disposed:
+        if not self.engine_owned:
+            return  # the proxy stays bound to the caller's engine, as in 0.8
+        self.proxy._unbind(self)
+        if not self._disposed:
             await self.engine.dispose()
             self._disposed = True
 
@@ -221,12 +228,7 @@ def _check_engine_source(
                 "custom_engine must be an AsyncEngine (from create_async_engine()), "
                 f"not {type(custom_engine).__name__}."
             )
-        if engine_args:
-            raise InvalidConfigurationError(
-                "engine_args only apply with db_url: pass them to create_async_engine() when "
-                "you create custom_engine."
-            )
-        return None
+        return None  # engine_args, if any, only apply to an engine made from db_url
     if engine_args is not None and not isinstance(engine_args, Mapping):
         raise InvalidConfigurationError(
             "engine_args must be a dict of create_async_engine() keyword arguments, "
@@ -261,20 +263,15 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _check_exclude_paths(paths: object) -> frozenset[str]:
+def _check_exclude_paths(paths: object) -> frozenset[Any]:
+    """The paths, as 0.8 took them: any iterable (a bare string is a set of characters)."""
     if paths is None:
         return frozenset()
-    if isinstance(paths, str | bytes) or not isinstance(paths, Iterable):
+    if not isinstance(paths, Iterable):
         raise InvalidConfigurationError(
             f"exclude_paths must be a list of paths such as ['/health'], not {paths!r}."
         )
-    result = frozenset(paths)
-    bad = sorted(repr(path) for path in result if not isinstance(path, str))
-    if bad:
-        raise InvalidConfigurationError(
-            f"exclude_paths must hold path strings such as '/health', not {', '.join(bad)}."
-        )
-    return result
+    return frozenset(paths)
 
 
 def _check_threshold(threshold: object) -> float | None:

@@ -3,25 +3,34 @@
 Inside ``async with db(multi_sessions=True):`` each task that reads ``db.session`` gets a session
 of its own (a single ``AsyncSession`` must never be used by two tasks at once). Work run through
 ``db.gather()`` or ``db.connection()`` is finalized in its own task, so awaiting it means it is
-committed (or rolled back) and closed. Sessions that tasks took directly are finalized when the
-block ends; tasks still running then are cancelled, and the user is told.
+committed (or rolled back) and closed. A session a task took straight from ``db.session`` is
+finalized as soon as that task is done, so its connection goes back to the pool at once. When
+the block ends, tasks still at work or still waiting for a slot are cancelled, and the user is
+told.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable
 from contextlib import asynccontextmanager
-from types import TracebackType
 from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy.exc import TimeoutError as SQLAlchemyPoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ._pool import pool_status
-from ._scope import GuardedTask, Scope, SessionFactory, finalize, run_to_completion
+from ._scope import (
+    GuardedTask,
+    Scope,
+    SessionFactory,
+    finalize,
+    finalize_after,
+    report_cleanup_error,
+    run_to_completion,
+    start_cleanup,
+)
 from .exceptions import (
     ConcurrencyError,
     CoroutineRequiredError,
@@ -40,13 +49,13 @@ MULTI_SCOPE_ENDED = (
 class Child:
     """The session of one task in a multi-session scope."""
 
-    __slots__ = ("finalizing", "managed", "session", "task")
+    __slots__ = ("finalizing", "managed", "session")
 
-    def __init__(self, task: asyncio.Task[Any], managed: bool) -> None:
-        self.task = weakref.ref(task)
+    def __init__(self, managed: bool) -> None:
         self.session: AsyncSession | None = None
         # Run by db.connection()/db.gather(): holds a slot if there are slots, and is finalized
-        # in its own task. Otherwise the session was taken straight from db.session.
+        # in its own task. Otherwise the session was taken straight from db.session and is
+        # finalized once its task is done.
         self.managed = managed
         self.finalizing = False  # committing or rolling back: the block waits, never cancels
 
@@ -56,13 +65,16 @@ class MultiScope(Scope):
 
     __slots__ = (
         "by_task",
+        "cleanups",
         "commit_on_exit",
         "engine",
-        "loose",
-        "managed",
+        "errors",
+        "gathering",
+        "max_concurrent",
         "owner",
         "pool_timeout",
         "slots",
+        "waiting",
     )
 
     def __init__(
@@ -76,18 +88,19 @@ class MultiScope(Scope):
         super().__init__(factory)
         self.engine = engine
         self.commit_on_exit = commit_on_exit
+        self.max_concurrent = max_concurrent
         self.slots = asyncio.Semaphore(max_concurrent) if max_concurrent is not None else None
         self.pool_timeout = pool_timeout
         self.owner = asyncio.current_task()
-        # The child of each task that has one. A plain dict, not a WeakKeyDictionary (2-3 µs
-        # less per db.gather() coroutine): a managed child leaves it when its slot ends, and a
-        # loose child's task is kept in ``loose`` until the block ends anyway; then it is cleared.
+        # The current child of each task that has one. A task leaves it when its slot ends or,
+        # for a session taken straight from db.session, when the task is done.
         self.by_task: dict[asyncio.Task[Any], Child] = {}
-        # Children whose sessions the block must finalize: those taken straight from db.session.
-        # Their tasks are kept until then, to learn how each ended.
-        self.loose: list[tuple[asyncio.Task[Any], Child]] = []
-        # Children inside db.connection()/db.gather() right now: they finalize themselves.
-        self.managed: set[Child] = set()
+        # Tasks waiting for a slot or a connection inside db.connection()/db.gather().
+        self.waiting: set[asyncio.Task[Any]] = set()
+        # Finalizations of sessions whose tasks are done, and what they raised.
+        self.cleanups: set[asyncio.Task[None]] = set()
+        self.errors: list[Exception] = []
+        self.gathering = 0  # slot holders waiting in db.gather() for their coroutines
 
     @property
     def throttled(self) -> bool:
@@ -100,18 +113,56 @@ class MultiScope(Scope):
         task = _current_task()
         child = self.by_task.get(task)
         if child is None:
-            if self.throttled and task is not self.owner:
+            if task is self.owner:
+                if self.pool_timeout is not None:
+                    raise ConcurrencyError(
+                        "With pool_timeout, db.session cannot get the block's own session: it "
+                        "cannot wait within a deadline. Use `async with db.connection() as "
+                        "session:` (or db.gather()), which gets the connection in time."
+                    )
+            elif self.throttled:
                 raise ConcurrencyError(
                     "With max_concurrent or pool_timeout, a task reads db.session only inside "
                     "`async with db.connection():` or as a coroutine passed to db.gather(), "
                     "which give it a slot and a deadline."
                 )
-            child = self.by_task[task] = Child(task, managed=False)
-            self.loose.append((task, child))
+            else:
+                task.add_done_callback(self._task_done)
+            child = self.by_task[task] = Child(managed=False)
         session = child.session
         if session is None:
             session = child.session = self.factory()
         return session
+
+    def session_of_current_task(self) -> AsyncSession | None:
+        """The session the current task already has here, if any (db.connection() lends it)."""
+        child = self.by_task.get(_current_task())
+        return None if child is None else child.session
+
+    # -- sessions taken straight from db.session -------------------------------------------------
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A task that took db.session is done: finalize its session now, in a cleanup task."""
+        child = self.by_task.pop(task, None)
+        if child is not None and not child.managed:
+            self._finalize_loose(task, child)
+
+    def _finalize_loose(self, task: asyncio.Task[Any], child: Child) -> None:
+        session, child.session = child.session, None
+        if session is None:
+            return
+        # Committed only if its task succeeded: half the work of a failed task is never kept.
+        commit = self.commit_on_exit and not task.cancelled() and task.exception() is None
+        cleanup = start_cleanup(self._finalize_quietly(session, commit))
+        if not cleanup.done():
+            self.cleanups.add(cleanup)
+            cleanup.add_done_callback(self.cleanups.discard)
+
+    async def _finalize_quietly(self, session: AsyncSession, commit: bool) -> None:
+        try:
+            await finalize(session, commit=commit)
+        except Exception as exc:  # reported when the block ends
+            self.errors.append(exc)
 
     # -- slotted children: db.connection() and db.gather() --------------------------------------
 
@@ -121,28 +172,40 @@ class MultiScope(Scope):
 
     async def enter_slot(self, deadline: float | None) -> tuple[Child, Child | None]:
         """Take a slot (within ``deadline`` seconds) and make a fresh child current here."""
+        if self.ended is not None:
+            raise SessionFinalizedError(self.ended)
         task = _current_task()
         previous = self.by_task.get(task)
-        child = Child(task, managed=True)
-        if deadline is None:
-            if self.slots is not None:
-                await self.slots.acquire()
-        else:
-            child.session = await open_within(self.factory, self.engine, deadline, self.slots)
+        child = Child(managed=True)
+        if deadline is not None or self.slots is not None:
+            # The block's end cancels a task that is still waiting here.
+            self.waiting.add(task)
+            try:
+                if deadline is None:
+                    await self.slots.acquire()  # type: ignore[union-attr]
+                else:
+                    child.session = await open_within(
+                        self.factory, self.engine, deadline, self.slots
+                    )
+            finally:
+                self.waiting.discard(task)
         self.by_task[task] = child
-        self.managed.add(child)
         return child, previous
 
-    async def leave_slot(self, child: Child, previous: Child | None, failed: bool) -> None:
+    async def leave_slot(
+        self, child: Child, previous: Child | None, failed: BaseException | None
+    ) -> None:
         """Finalize the child's session in its own task, give back the slot, restore."""
         task = _current_task()
         child.finalizing = True
         try:
             session, child.session = child.session, None
             if session is not None:
-                await finalize(session, commit=self.commit_on_exit and not failed)
+                if failed is None:
+                    await finalize(session, commit=self.commit_on_exit)
+                else:
+                    await finalize_after(session, failed)
         finally:
-            self.managed.discard(child)
             if self.slots is not None:
                 self.slots.release()
             if previous is None:
@@ -153,115 +216,92 @@ class MultiScope(Scope):
     # -- the end of the block -------------------------------------------------------------------
 
     async def finish(self, failed: BaseException | None, reason: str) -> None:
-        """Cancel children still running, then finalize every session the block handed out."""
+        """Cancel children still running or waiting, then finalize every session handed out.
+
+        When the block is already raising (``failed``), cleanup failures are reported beside
+        that error and the children cut off are noted on it; otherwise they are raised.
+        """
         self.end(reason)
         return await run_to_completion(self._finish(failed))
 
     async def _finish(self, failed: BaseException | None) -> None:
-        loose, self.loose = self.loose, []
-        # Children still at work are cancelled; those already finalizing are let finish.
+        owner = self.owner
+        # Tasks still at work or waiting for a slot are cancelled; those already finalizing
+        # are let finish.
         pending: list[asyncio.Task[Any]] = []
         cut_off = 0
-        for child in (*(child for _, child in loose), *self.managed):
-            task = child.task()
-            if task is None or task is self.owner or task.done():
+        for task in (*self.waiting, *self.by_task):
+            if task is owner or task.done() or task in pending:
                 continue
             pending.append(task)
-            if not child.finalizing:
+            child = self.by_task.get(task)
+            if child is None or not child.finalizing:
                 task.cancel()
                 cut_off += 1
         if pending:
             await asyncio.wait(pending)
+        # Every other task is done now; sessions whose finalization has not started yet
+        # (their tasks' callbacks are still queued) are finalized here.
+        own = self.by_task.pop(owner, None) if owner is not None else None
+        for task, child in list(self.by_task.items()):
+            if not child.managed:
+                self._finalize_loose(task, child)
         self.by_task.clear()
-        errors: list[Exception] = []
-        for task, child in loose:
-            session, child.session = child.session, None
-            if session is None:
-                continue
-            commit = self.commit_on_exit and failed is None and not cut_off
-            if commit and task is not self.owner:
-                # A task that failed or was cancelled must not have half its work committed.
-                commit = not task.cancelled() and task.exception() is None
-            try:
-                await finalize(session, commit=commit)
-            except Exception as exc:
-                errors.append(exc)
-        if cut_off:
-            message = (
-                f"{cut_off} task(s) still using the database when the multi-session block "
-                "ended were cancelled and their work rolled back: await them, or run them with "
-                "db.gather(), before the block ends."
-            )
+        while self.cleanups:
+            await asyncio.wait(set(self.cleanups))
+        errors, self.errors = self.errors, []
+        session = None if own is None else own.session
+        if session is not None:
             if failed is not None:
-                failed.add_note(message)
+                await finalize_after(session, failed)
             else:
-                errors.insert(0, ConcurrencyError(message))
+                try:
+                    await finalize(session, commit=self.commit_on_exit and not cut_off)
+                except Exception as exc:
+                    errors.append(exc)
+        message = (
+            f"{cut_off} task(s) still using the database when the multi-session block ended "
+            "were cancelled and their work rolled back: await them, or run them with "
+            "db.gather(), before the block ends."
+        )
+        if failed is not None:
+            if cut_off:
+                failed.add_note(message)
+            for error in errors:
+                report_cleanup_error(error, failed)
+            return
+        if cut_off:
+            errors.insert(0, ConcurrencyError(message))
         if len(errors) == 1:
             raise errors[0]
         if errors:
             raise ExceptionGroup("finalizing the sessions of a multi-session block failed", errors)
 
 
-class SlotContext:
-    """``async with db.connection() as session:`` inside a multi-session block."""
-
-    __slots__ = ("_child", "_previous", "_scope", "_timeout")
-
-    def __init__(self, scope: MultiScope, timeout: float | None) -> None:
-        self._scope = scope
-        self._timeout = timeout
-        self._child: Child | None = None
-        self._previous: Child | None = None
-
-    async def __aenter__(self) -> AsyncSession:
-        scope = self._scope
-        if scope.ended is not None:
-            raise SessionFinalizedError(scope.ended)
-        child, self._previous = await scope.enter_slot(self._timeout)
-        self._child = child
-        session = child.session
-        if session is None:
-            session = child.session = scope.factory()
-        return session
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        child, self._child = self._child, None
-        assert child is not None
-        await self._scope.leave_slot(child, self._previous, failed=exc_type is not None)
-
-
-class BorrowedSession:
-    """``db.connection()`` where a session is already at hand: lends it, never closes it."""
-
-    __slots__ = ("_session", "_timeout")
-
-    def __init__(self, session: AsyncSession, timeout: float | None) -> None:
-        self._session = session
-        self._timeout = timeout
-
-    async def __aenter__(self) -> AsyncSession:
-        if self._timeout is None:
-            return self._session
-        return await borrow_within(self._session, self._timeout)
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        return None
-
-
 @asynccontextmanager
 async def _within(deadline: float, engine: object) -> AsyncIterator[None]:
-    """Bound the block to ``deadline`` seconds; running out raises ``PoolTimeoutError``."""
+    """Bound the block to ``deadline`` seconds.
+
+    ``PoolTimeoutError`` is raised only when a wait for the pool (or a slot) ran out: this
+    deadline, or the engine's own ``pool_timeout`` if that fired first (and then it reports
+    that one). A driver's connect timeout, the server not answering, stays the driver's error.
+    """
+    timeout = asyncio.timeout(deadline)
+    fired: float | None = deadline
     try:
-        async with asyncio.timeout(deadline):
+        async with timeout:
             yield
-    except (TimeoutError, SQLAlchemyPoolTimeout) as exc:
-        status = pool_status(engine) if isinstance(engine, AsyncEngine) else None
-        raise PoolTimeoutError(deadline, pool_status=status) from exc
+        return
+    except TimeoutError as exc:
+        if not timeout.expired():
+            raise
+        cause: BaseException = exc
+    except SQLAlchemyPoolTimeout as exc:
+        cause = exc
+        engine_timeout = getattr(getattr(engine, "pool", None), "_timeout", None)
+        fired = float(engine_timeout) if isinstance(engine_timeout, int | float) else None
+    status = pool_status(engine) if isinstance(engine, AsyncEngine) else None
+    raise PoolTimeoutError(fired, pool_status=status) from cause
 
 
 async def open_within(
@@ -282,8 +322,8 @@ async def open_within(
                 await slots.acquire()
                 acquired = True
             await session.connection()
-    except BaseException:
-        await finalize(session, commit=False)
+    except BaseException as exc:
+        await finalize_after(session, exc)
         if acquired:
             slots.release()  # type: ignore[union-attr]
         raise
@@ -300,11 +340,14 @@ async def borrow_within(session: AsyncSession, deadline: float) -> AsyncSession:
 async def gather_children(
     scope: MultiScope, aws: tuple[Awaitable[Any], ...], return_exceptions: bool
 ) -> list[Any]:
-    """``db.gather()`` in a multi-session block: each coroutine runs as a slotted child.
+    """``db.gather()`` in a multi-session block: each coroutine runs as a child of its own.
 
     Everything is checked before any child starts; when a check fails, every coroutine passed
-    is closed (none is left "never awaited") and nothing runs.
+    is closed (none is left "never awaited") and nothing runs. Throttled (``max_concurrent`` or
+    ``pool_timeout``), it fails fast like ``asyncio.TaskGroup``: the first error cancels the
+    other children (their work is rolled back) before it propagates.
     """
+    gathering = False
     if scope.throttled:
         bad = [aw for aw in aws if not asyncio.iscoroutine(aw)]
         if bad:
@@ -317,23 +360,54 @@ async def gather_children(
                 ),
             )
         if scope.holds_slot():
-            _refuse(
-                aws,
-                ConcurrencyError(
-                    "db.gather() was called from a task that holds a max_concurrent slot and "
-                    "would wait for slots its own caller holds: call db.gather() from the block "
-                    "itself, or await the coroutines one by one in this slot."
-                ),
-            )
+            # This caller keeps its slot while it waits: refuse only the call with which every
+            # slot would be held by a task waiting for slots.
+            if scope.gathering + 1 >= scope.max_concurrent:  # type: ignore[operator]
+                _refuse(
+                    aws,
+                    ConcurrencyError(
+                        f"db.gather() would wait for ever: all {scope.max_concurrent} "
+                        "max_concurrent slot(s) would be held by tasks waiting in db.gather() "
+                        "for slots of their own. Call db.gather() outside the "
+                        "`db.connection()` block, or raise max_concurrent."
+                    ),
+                )
+            gathering = True
     else:
         bad = [aw for aw in aws if not inspect.isawaitable(aw)]
         if bad:
             _refuse(aws, TypeError(f"db.gather() takes awaitables, not {_kinds(bad)}."))
+    # Throttled and raising on the first error: once one child failed, no other one starts.
+    group = _Group() if scope.throttled and not return_exceptions else None
     loop = asyncio.get_running_loop()
-    wrapped = [
-        GuardedTask(_child(scope, aw), loop=loop) if asyncio.iscoroutine(aw) else aw for aw in aws
+    children = [
+        GuardedTask(_child(scope, aw, group), loop=loop) if asyncio.iscoroutine(aw) else aw
+        for aw in aws
     ]
-    return await asyncio.gather(*wrapped, return_exceptions=return_exceptions)
+    if gathering:
+        scope.gathering += 1
+    try:
+        return await asyncio.gather(*children, return_exceptions=return_exceptions)
+    except BaseException:
+        if group is not None:
+            group.failed = True
+            await _stop(children, aws)
+        raise
+    finally:
+        if gathering:
+            scope.gathering -= 1
+
+
+async def _stop(children: list[Awaitable[Any]], aws: tuple[Awaitable[Any], ...]) -> None:
+    """Cancel the children still running and wait for them; close coroutines never started."""
+    running = [child for child in children if isinstance(child, asyncio.Task) and not child.done()]
+    for child in running:
+        child.cancel()
+    if running:
+        await asyncio.wait(running)
+    for aw in aws:
+        if asyncio.iscoroutine(aw) and inspect.getcoroutinestate(aw) == inspect.CORO_CREATED:
+            aw.close()
 
 
 def _kinds(refused: Iterable[object]) -> str:
@@ -348,7 +422,16 @@ def _refuse(aws: tuple[Awaitable[Any], ...], error: Exception) -> NoReturn:
     raise error
 
 
-async def _child(scope: MultiScope, work: Coroutine[Any, Any, T]) -> T:
+class _Group:
+    """The children of one fail-fast db.gather(): none starts once one has failed."""
+
+    __slots__ = ("failed",)
+
+    def __init__(self) -> None:
+        self.failed = False
+
+
+async def _child(scope: MultiScope, work: Coroutine[Any, Any, T], group: _Group | None) -> T:
     """One coroutine of db.gather(), run in a GuardedTask: its session is finalized under guard."""
     task = asyncio.current_task()
     assert isinstance(task, GuardedTask)
@@ -357,17 +440,23 @@ async def _child(scope: MultiScope, work: Coroutine[Any, Any, T]) -> T:
     except BaseException:
         work.close()
         raise
-    failed = True
+    failed: BaseException | None = None
     try:
-        result = await work
-        failed = False
+        if group is not None and group.failed:
+            work.close()  # a sibling failed while this one waited for its slot
+            raise asyncio.CancelledError
+        return await work
+    except BaseException as exc:
+        failed = exc
+        if group is not None:
+            group.failed = True  # before the slot is given back to a sibling waiting for it
+        raise
     finally:
         task.guard()
         try:
-            await scope.leave_slot(child, previous, failed=failed)
+            await scope.leave_slot(child, previous, failed)
         finally:
             task.unguard()
-    return result
 
 
 def _current_task() -> asyncio.Task[Any]:

@@ -20,16 +20,15 @@ from ._config import (
 )
 from ._multi import (
     MULTI_SCOPE_ENDED,
-    BorrowedSession,
+    Child,
     MultiScope,
-    SlotContext,
+    borrow_within,
     gather_children,
     open_within,
 )
 from ._pool import pool_status
-from ._scope import Scope, SessionFactory, finalize
+from ._scope import Scope, SessionFactory, finalize, finalize_after
 from .exceptions import (
-    InvalidConfigurationError,
     MissingSessionError,
     ProxyBindingError,
     SessionNotInitialisedError,
@@ -119,44 +118,28 @@ class DBSessionMeta:
         ``db.connection()``); ``max_concurrent`` caps how many run at once; ``pool_timeout`` is
         a deadline in seconds for getting a connection (and a slot).
         """
-        if not isinstance(multi_sessions, bool):
-            raise InvalidConfigurationError(
-                f"multi_sessions must be True or False, not {multi_sessions!r}."
-            )
+        # Without multi_sessions it has no effect, as in 0.8 (there is one session anyway).
         limit = check_positive_int("max_concurrent", max_concurrent)
-        if limit is not None and not multi_sessions:
-            raise InvalidConfigurationError(
-                "max_concurrent limits the sessions of concurrent tasks and so needs "
-                "multi_sessions=True: pass both, or drop max_concurrent."
-            )
         return ExplicitScope(
             self,
             check_session_args(session_args),
             bool(commit_on_exit),
-            multi_sessions,
+            bool(multi_sessions),
             limit,
             check_optional_seconds("pool_timeout", pool_timeout),
         )
 
     def connection(self, timeout: float | None = None) -> AbstractAsyncContextManager[AsyncSession]:
-        """``async with db.connection() as session:`` a session owned by that block.
+        """``async with db.connection() as session:`` a session for that block.
 
-        In a multi-session block it is a fresh session that takes a ``max_concurrent`` slot and
-        is committed (with ``commit_on_exit``) or rolled back and closed when the block ends.
-        Elsewhere it lends the current session and leaves it open. ``timeout`` (default: the
-        block's ``pool_timeout``) bounds the wait for the slot and the connection.
+        In a multi-session block, a task that has no session yet gets a fresh one that takes a
+        ``max_concurrent`` slot and is committed (with ``commit_on_exit``) or rolled back and
+        closed when the block ends; a task that has one (inside another ``db.connection()``
+        block, or taken from ``db.session``) is lent it. Elsewhere it lends the current session
+        and leaves it open. Which of the two is decided when the block is entered. ``timeout``
+        (default: the block's ``pool_timeout``) bounds the wait for the slot and the connection.
         """
-        limit = check_optional_seconds("timeout", timeout)
-        scope = self._var.get()
-        if scope is None:
-            raise self._no_scope_error()
-        if isinstance(scope, MultiScope):
-            if limit is None:
-                limit = scope.pool_timeout
-            if scope.holds_slot():
-                return BorrowedSession(scope.open(), limit)
-            return SlotContext(scope, limit)
-        return BorrowedSession(self.session, limit)
+        return Connection(self, check_optional_seconds("timeout", timeout))
 
     async def gather(self, *aws: Awaitable[Any], return_exceptions: bool = False) -> list[Any]:
         """Like ``asyncio.gather()``; in a multi-session block each coroutine gets its session.
@@ -281,8 +264,12 @@ class ExplicitScope:
                 await scope.finish(exc, MULTI_SCOPE_ENDED)
             else:
                 session = scope.end(EXPLICIT_SCOPE_ENDED)
-                if session is not None:
-                    await finalize(session, commit=self._commit_on_exit and exc_type is None)
+                if session is None:
+                    pass
+                elif exc is None:
+                    await finalize(session, commit=self._commit_on_exit)
+                else:
+                    await finalize_after(session, exc)
         finally:
             restore(self._proxy._var, token, scope)
 
@@ -299,3 +286,57 @@ def restore(var: ContextVar[Scope | None], token: Token[Scope | None], scope: Sc
         if var.get() is scope:
             previous = token.old_value
             var.set(None if previous is Token.MISSING else previous)
+
+
+class Connection:
+    """The async context manager returned by ``db.connection()``.
+
+    On entry it looks at the scope current then: in a multi-session block, a task without a
+    session of its own takes a slot and a fresh session (finalized on exit); otherwise the
+    task's session is lent and left open. A context made before its task held a slot and
+    entered inside one therefore never waits for its own slot.
+    """
+
+    __slots__ = ("_child", "_previous", "_proxy", "_scope", "_timeout")
+
+    def __init__(self, proxy: DBSessionMeta, timeout: float | None) -> None:
+        self._proxy = proxy
+        self._timeout = timeout
+        self._scope: MultiScope | None = None  # set while a slot is held
+        self._child: Child | None = None
+        self._previous: Child | None = None
+
+    async def __aenter__(self) -> AsyncSession:
+        proxy = self._proxy
+        scope = proxy._var.get()
+        if scope is None:
+            raise proxy._no_scope_error()
+        timeout = self._timeout
+        if isinstance(scope, MultiScope):
+            if timeout is None:
+                timeout = scope.pool_timeout
+            session = scope.session_of_current_task()
+            if session is None:
+                child, previous = await scope.enter_slot(timeout)
+                session = child.session
+                if session is None:
+                    session = child.session = scope.factory()
+                self._scope, self._child, self._previous = scope, child, previous
+                return session
+        else:
+            session = proxy.session
+        if timeout is not None:
+            await borrow_within(session, timeout)
+        return session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        scope, child = self._scope, self._child
+        if scope is None or child is None:
+            return  # a lent session stays open
+        self._scope = self._child = None
+        await scope.leave_slot(child, self._previous, exc)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ._scope import Scope, SessionFactory, finalize, owner_holds_transaction
+from ._scope import Scope, SessionFactory, finalize, finalize_after, owner_holds_transaction
 from ._types import Message, Send
 
 REQUEST_SCOPE_ENDED = (
@@ -85,12 +85,15 @@ class RequestScope(Scope):
         if held is not None:
             await self._send(held)
 
-    async def app_raised(self) -> None:
-        """The app raised: roll back and close; a held response start is dropped."""
+    async def app_raised(self, error: BaseException) -> None:
+        """The app raised ``error``: roll back and close; a held response start is dropped.
+
+        ``error`` stays the one that propagates: a failing rollback is only reported.
+        """
         self._held = None
         session = self.end(REQUEST_SCOPE_ENDED)
         if session is not None:
-            await finalize(session, commit=False)
+            await finalize_after(session, error)
 
     async def app_returned(self) -> None:
         """The app returned: anything still open (no response sent, or a transaction its owner

@@ -9,7 +9,10 @@ places where a scope's session begins and ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sys
+import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -27,6 +30,9 @@ except ImportError:  # pragma: no cover - older SQLAlchemy keeps reusable sessio
     _CLOSE_IS_RESET = _CLOSED = None
 
 T = TypeVar("T")
+
+# 0.8's logger name, so logging set up for 0.8 still sees every record of ours.
+logger = logging.getLogger("fastapi_async_sqlalchemy.middleware")
 
 SessionFactory = Callable[[], AsyncSession]
 
@@ -75,18 +81,51 @@ def owner_holds_transaction(session: AsyncSession) -> bool:
 async def finalize(session: AsyncSession, *, commit: bool) -> None:
     """Commit (when asked) or roll back, then close for good.
 
-    A failed commit propagates after the session is rolled back and closed. The rollback and the
-    close run to completion even when the caller is cancelled, so a cancelled request never keeps
-    its connection checked out.
+    A failed commit propagates after the session is rolled back and closed (a failure of that
+    close is reported beside it, never in its place). The rollback and the close run to
+    completion even when the caller is cancelled, so a cancelled request never keeps its
+    connection checked out.
     """
     if commit:
         try:
             # Once begun, the commit and the connection's return to the pool run to their end.
             await run_to_completion(session.commit())
-        except BaseException:
-            await _close(session)
+        except BaseException as failed:
+            await finalize_after(session, failed)
             raise
     await _close(session)
+
+
+async def finalize_after(session: AsyncSession, primary: BaseException) -> None:
+    """Roll back and close ``session`` while ``primary`` is propagating: the first error wins.
+
+    A failure of the rollback or the close is reported beside ``primary`` (see
+    :func:`report_cleanup_error`) and never replaces it, so ``except ValueError`` around the
+    block still catches the caller's own ``ValueError``.
+    """
+    try:
+        await _close(session)
+    except Exception as error:
+        report_cleanup_error(error, primary)
+
+
+def report_cleanup_error(error: BaseException, primary: BaseException) -> None:
+    """Tell about a cleanup that failed while ``primary`` propagates: a log record with the
+    cleanup's traceback and a ``UserWarning`` (as 0.8 warned), never an exception."""
+    logger.error(
+        "Cleaning up a database session failed while %s was already being raised; the "
+        "original error propagates and this one is only reported.",
+        type(primary).__name__,
+        exc_info=error,
+    )
+    # Warnings escalated to errors must not replace the original error either.
+    with contextlib.suppress(Warning):
+        warnings.warn(
+            "A database session cleanup error was suppressed because another exception is "
+            f"already being raised: {type(error).__name__}: {error}",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 async def _close(session: AsyncSession) -> None:
@@ -186,13 +225,9 @@ async def run_to_completion(work: Coroutine[Any, Any, T]) -> T:
     current = asyncio.current_task()
     if type(current) is GuardedTask and current.guarded:
         return await work  # the caller holds its cancellations back itself
-    loop = asyncio.get_running_loop()
-    if _EAGER:
-        task: _Cleanup[T] = _Cleanup(work, loop=loop, eager_start=True)  # type: ignore[call-arg]
-        if task.done():
-            return task.result()
-    else:
-        task = _Cleanup(work, loop=loop)
+    task = start_cleanup(work)
+    if task.done():
+        return task.result()
     try:
         return await task
     except asyncio.CancelledError as cancelled:
@@ -200,3 +235,15 @@ async def run_to_completion(work: Coroutine[Any, Any, T]) -> T:
         if not task.cancelled() and task.exception() is not None:
             raise cancelled from task.exception()
         raise
+
+
+def start_cleanup(work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """Run ``work`` in a task that only a timeout of its own can cancel.
+
+    On Python 3.12+ the task starts at once and, when ``work`` never suspends, is done before
+    this returns, without a trip through the event loop.
+    """
+    loop = asyncio.get_running_loop()
+    if _EAGER:
+        return _Cleanup(work, loop=loop, eager_start=True)  # type: ignore[call-arg]
+    return _Cleanup(work, loop=loop)
