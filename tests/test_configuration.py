@@ -13,6 +13,7 @@ from conftest import Database, items, metadata, new_item, serve, unused_app
 from fastapi import FastAPI
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlmodel import Field, SQLModel
@@ -114,6 +115,35 @@ INVALID_ARGUMENTS = [
     ),
     pytest.param({"engine_args": ["echo"]}, ("engine_args",), id="engine_args-not-a-dict"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "also"),
+    [
+        pytest.param({"db_url": "not a url"}, ArgumentError, id="unparseable-url"),
+        pytest.param({"db_url": "postgresql+nosuch://u@h/x"}, ArgumentError, id="unknown-driver"),
+        pytest.param({"db_url": 5432}, ArgumentError, id="url-not-a-string"),
+        pytest.param({"db_url": "mssql+aioodbc://u@h/x"}, ImportError, id="driver-missing"),
+        pytest.param({"db_url": "sqlite://"}, InvalidRequestError, id="driver-synchronous"),
+        pytest.param({"engine_args": {"pool_sise": 5}}, TypeError, id="engine_args-unknown"),
+        pytest.param({"engine_args": ["echo"]}, TypeError, id="engine_args-not-a-dict"),
+        pytest.param({"exclude_paths": 5}, TypeError, id="exclude_paths-not-iterable"),
+        pytest.param({"pool_warn_threshold": "x"}, TypeError, id="threshold-not-a-number"),
+        pytest.param({"request_queue_timeout": "x"}, TypeError, id="timeout-not-a-number"),
+    ],
+)
+def test_refusal_is_also_the_error_type_0_8_raised(
+    arguments: dict[str, Any], also: type[Exception]
+) -> None:
+    """A refused argument is an InvalidConfigurationError (a ValueError) and also the type 0.8.1
+    raised for it, so `except TypeError:` or `except ArgumentError:` written for 0.8.1 still
+    catches it."""
+    Middleware, _ = create_middleware_and_session_proxy()
+    with pytest.raises(InvalidConfigurationError) as refused:
+        Middleware(unused_app, **{"db_url": "sqlite+aiosqlite://", **arguments})
+    assert isinstance(refused.value, ValueError)
+    assert isinstance(refused.value, also)
+    assert "\n" not in str(refused.value)
 
 
 @pytest.mark.parametrize(("arguments", "named"), INVALID_ARGUMENTS)

@@ -578,3 +578,42 @@ async def test_hand_built_scope_without_a_path_is_served(database: Database) -> 
     finally:
         await middleware.dispose()
     assert [message.get("status") for message in sent] == [204, None]
+
+
+async def test_failed_disposal_at_shutdown_is_passed_on_then_raised(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the owned engine cannot be disposed at the lifespan end, the server still hears
+    `lifespan.shutdown.complete`, then the lifespan raises the disposal error (as in 0.8.1),
+    and it is logged with its traceback."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    Middleware, _ = create_middleware_and_session_proxy()
+    middleware = Middleware(app, db_url=database_url)
+
+    def failing_dispose(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("dispose failed")
+
+    monkeypatch.setattr(middleware.engine.sync_engine, "dispose", failing_dispose)
+    incoming = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    heard: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(incoming)
+
+    async def send(message: dict[str, Any]) -> None:
+        heard.append(message["type"])
+
+    try:
+        with pytest.raises(RuntimeError, match="dispose failed"):
+            await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    finally:
+        monkeypatch.undo()
+        await middleware.dispose()
+    assert heard == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert any(record.exc_info for record in caplog.records if record.name == LOGGER)

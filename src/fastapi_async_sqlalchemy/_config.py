@@ -9,7 +9,7 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, InvalidRequestError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -19,6 +19,27 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session
 
 from .exceptions import InvalidConfigurationError
+
+
+# Refusals that 0.8 raised as other types: each is also that type, so `except TypeError:` (or
+# `ArgumentError`, `ImportError`) written against 0.8 still catches what it caught there.
+class InvalidTypeError(InvalidConfigurationError, TypeError):
+    """Raised for an argument of the wrong type (0.8 raised a ``TypeError``)."""
+
+
+class InvalidURLError(InvalidConfigurationError, ArgumentError):
+    """Raised for a ``db_url`` SQLAlchemy cannot parse or has no dialect for (0.8 raised
+    ``sqlalchemy.exc.ArgumentError``)."""
+
+
+class SyncDriverError(InvalidConfigurationError, InvalidRequestError):
+    """Raised for a ``db_url`` naming a synchronous driver (0.8 raised SQLAlchemy's
+    ``InvalidRequestError``)."""
+
+
+class DriverNotInstalledError(InvalidConfigurationError, ModuleNotFoundError):
+    """Raised for a ``db_url`` whose driver is not installed (0.8 raised the
+    ``ModuleNotFoundError`` of its import)."""
 
 
 @cache
@@ -105,32 +126,30 @@ def check_url(db_url: object) -> URL:
     if isinstance(db_url, URL):
         return db_url
     if not isinstance(db_url, str):
-        raise InvalidConfigurationError(
+        raise InvalidURLError(
             f"db_url must be a string or a sqlalchemy.URL, not {type(db_url).__name__}."
         )
     try:
         return make_url(db_url)
     except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
-        raise InvalidConfigurationError(
+        raise InvalidURLError(
             "db_url could not be parsed: give a SQLAlchemy URL such as "
             "'postgresql+asyncpg://user:password@host/dbname'."
         ) from None
 
 
 def check_seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
-    """A finite number of seconds above zero, or from zero on with ``allow_zero``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-        or (value == 0 and not allow_zero)
-    ):
-        least = "0 or more" if allow_zero else "greater than 0"
-        raise InvalidConfigurationError(
-            f"{name} must be a finite number of seconds {least}, not {value!r}."
-        )
-    return float(value)
+    """A finite number of seconds above zero, or from zero on with ``allow_zero``.
+
+    The value is given back as it was passed (an ``int`` stays an ``int``), as 0.8 kept it.
+    """
+    least = "0 or more" if allow_zero else "greater than 0"
+    message = f"{name} must be a finite number of seconds {least}, not {value!r}."
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidTypeError(message)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise InvalidConfigurationError(message)
+    return value
 
 
 def check_optional_seconds(name: str, value: object) -> float | None:

@@ -12,6 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ._admission import Admission
 from ._config import (
+    DriverNotInstalledError,
+    InvalidTypeError,
+    InvalidURLError,
+    SyncDriverError,
     check_positive_int,
     check_seconds,
     check_session_args,
@@ -182,11 +186,15 @@ class BaseSQLAlchemyMiddleware:
             raise
 
         async def send_and_dispose(message: Message) -> None:
-            if message["type"] in _LIFESPAN_ENDS:
-                try:
-                    await self.dispose()
-                except Exception:
-                    logger.exception("Disposing the database engine at lifespan end failed")
+            if message["type"] not in _LIFESPAN_ENDS:
+                await send(message)
+                return
+            try:
+                await self.dispose()
+            except Exception:
+                logger.exception("Disposing the database engine at lifespan end failed")
+                await send(message)  # the server hears the end all the same, then the error
+                raise
             await send(message)
 
         await self.app(scope, receive, send_and_dispose)
@@ -230,7 +238,7 @@ def _check_engine_source(
             )
         return None  # engine_args, if any, only apply to an engine made from db_url
     if engine_args is not None and not isinstance(engine_args, Mapping):
-        raise InvalidConfigurationError(
+        raise InvalidTypeError(
             "engine_args must be a dict of create_async_engine() keyword arguments, "
             f"not {type(engine_args).__name__}."
         )
@@ -242,17 +250,23 @@ def _create_engine(url: URL, engine_args: Mapping[str, Any] | None) -> AsyncEngi
     try:
         return create_async_engine(url, **(engine_args or {}))
     except (TypeError, ValueError, AttributeError) as exc:
-        raise InvalidConfigurationError(
+        error = InvalidTypeError if isinstance(exc, TypeError) else InvalidConfigurationError
+        raise error(
             f"engine_args: {_one_line(exc)} Pass only create_async_engine() keywords the "
             "dialect accepts, with values of the documented types."
         ) from None
     except ImportError as exc:
-        raise InvalidConfigurationError(
+        raise DriverNotInstalledError(
             f"db_url names a driver that is not installed ({_one_line(exc)}): install it, or "
             "use an async driver that is, such as postgresql+asyncpg or sqlite+aiosqlite."
         ) from None
-    except (ArgumentError, InvalidRequestError) as exc:
-        raise InvalidConfigurationError(
+    except ArgumentError as exc:
+        raise InvalidURLError(
+            f"db_url names a dialect or driver that cannot be used here ({_one_line(exc)}): "
+            "use an async driver, such as postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite."
+        ) from None
+    except InvalidRequestError as exc:
+        raise SyncDriverError(
             f"db_url names a dialect or driver that cannot be used here ({_one_line(exc)}): "
             "use an async driver, such as postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite."
         ) from None
@@ -268,7 +282,7 @@ def _check_exclude_paths(paths: object) -> frozenset[Any]:
     if paths is None:
         return frozenset()
     if not isinstance(paths, Iterable):
-        raise InvalidConfigurationError(
+        raise InvalidTypeError(
             f"exclude_paths must be a list of paths such as ['/health'], not {paths!r}."
         )
     return frozenset(paths)
@@ -277,13 +291,12 @@ def _check_exclude_paths(paths: object) -> frozenset[Any]:
 def _check_threshold(threshold: object) -> float | None:
     if threshold is None:
         return None
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, int | float)
-        or not 0 < threshold <= 1
-    ):
-        raise InvalidConfigurationError(
-            "pool_warn_threshold must be a fraction of the pool in (0, 1], such as 0.8, "
-            f"not {threshold!r}."
-        )
+    message = (
+        f"pool_warn_threshold must be a fraction of the pool in (0, 1], such as 0.8, "
+        f"not {threshold!r}."
+    )
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise InvalidTypeError(message)
+    if not 0 < threshold <= 1:
+        raise InvalidConfigurationError(message)
     return float(threshold)

@@ -264,12 +264,11 @@ class ExplicitScope:
                 await scope.finish(exc, MULTI_SCOPE_ENDED)
             else:
                 session = scope.end(EXPLICIT_SCOPE_ENDED)
-                if session is None:
-                    pass
-                elif exc is None:
-                    await finalize(session, commit=self._commit_on_exit)
-                else:
-                    await finalize_after(session, exc)
+                if session is not None:
+                    if exc is None:
+                        await finalize(session, commit=self._commit_on_exit)
+                    else:
+                        await finalize_after(session, exc)  # the first error wins
         finally:
             restore(self._proxy._var, token, scope)
 
