@@ -167,6 +167,20 @@ async def check_admission(ns: dict[str, Any], printed: str) -> None:
         assert (await client.get("/health")).json() == {"status": "ok"}
 
 
+async def check_on_commit(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        await execute("CREATE TABLE users (name TEXT UNIQUE)")
+        assert (await client.post("/users", params={"name": "ann"})).status_code == 201
+        assert ns["outbox"] == ["welcome, ann"]
+        # A second sign-up with the same name fails its INSERT: no e-mail for it.
+        assert (await client.post("/users", params={"name": "ann"})).status_code == 500
+        assert ns["outbox"] == ["welcome, ann"]
+
+
+async def check_on_commit_errors(ns: dict[str, Any], printed: str) -> None:
+    assert printed.split() == ["ConnectionError", "42"]
+
+
 async def check_errors(ns: dict[str, Any], printed: str) -> None:
     assert "async with db():" in printed
 
@@ -188,6 +202,8 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], Any]] = {
     "testing": check_testing,
     "admission": check_admission,
     "errors": check_errors,
+    "on-commit": check_on_commit,
+    "on-commit-errors": check_on_commit_errors,
 }
 
 

@@ -5,6 +5,7 @@ from . import middleware as middleware
 from ._factory import SQLAlchemyMiddleware, create_middleware_and_session_proxy, db
 from ._proxy import DBSessionMeta
 from .exceptions import (
+    CommitCallbackError,
     ConcurrencyError,
     CoroutineRequiredError,
     FastAPIAsyncSQLAlchemyError,
@@ -21,6 +22,7 @@ DBSessionType = DBSessionMeta  # the name used by 0.7 and 0.8.0a1
 __version__ = "0.9.0"
 
 __all__ = [
+    "CommitCallbackError",
     "ConcurrencyError",
     "CoroutineRequiredError",
     "DBSessionMeta",

@@ -256,7 +256,11 @@ class MultiScope(Scope):
                 await finalize_after(session, failed)
             else:
                 try:
-                    await finalize(session, commit=self.commit_on_exit and not cut_off)
+                    await finalize(
+                        session,
+                        commit=self.commit_on_exit and not cut_off,
+                        raise_callback_errors=True,
+                    )
                 except Exception as exc:
                     errors.append(exc)
         message = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -18,6 +18,7 @@ from ._config import (
     check_session_args,
     make_session_factory,
 )
+from ._hooks import Registered, check_callback, register, running
 from ._multi import (
     MULTI_SCOPE_ENDED,
     Child,
@@ -140,6 +141,28 @@ class DBSessionMeta:
         (default: the block's ``pool_timeout``) bounds the wait for the slot and the connection.
         """
         return Connection(self, check_optional_seconds("timeout", timeout))
+
+    def on_commit(self, callback: Callable[[], Any], *, robust: bool = False) -> None:
+        """Run ``callback`` (no arguments; sync or async) once the current data is committed.
+
+        It binds to the innermost transaction of the session ``db.session`` gives here (a
+        savepoint moves it to its parent when released, and drops it when rolled back) or, if
+        that session has none yet, to its next one; it never runs if that transaction is rolled
+        back. It runs right after the COMMIT, with no session of this proxy current (open
+        ``async with db():`` in it to use the database). A failing callback never turns the
+        commit into a failure: a request logs the error, ``async with db():`` raises
+        ``CommitCallbackError`` after the commit; the callbacks after it are skipped unless it
+        was registered with ``robust=True``.
+        """
+        check_callback(callback)
+        scope = self._var.get()
+        if scope is None:
+            joined = running.get()
+            if joined is None:
+                raise self._no_scope_error()
+            joined.append(Registered(callback, bool(robust), self._var))  # runs after this one
+            return
+        register(self.session, callback, bool(robust), self._var)
 
     async def gather(self, *aws: Awaitable[Any], return_exceptions: bool = False) -> list[Any]:
         """Like ``asyncio.gather()``; in a multi-session block each coroutine gets its session.
@@ -266,7 +289,9 @@ class ExplicitScope:
                 session = scope.end(EXPLICIT_SCOPE_ENDED)
                 if session is not None:
                     if exc is None:
-                        await finalize(session, commit=self._commit_on_exit)
+                        await finalize(
+                            session, commit=self._commit_on_exit, raise_callback_errors=True
+                        )
                     else:
                         await finalize_after(session, exc)  # the first error wins
         finally:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import SessionTransactionOrigin
 
+from ._hooks import hooks, settle
 from .exceptions import SessionFinalizedError
 
 try:  # SQLAlchemy >= 2.0.22: a closed session can be made unusable for good.
@@ -78,13 +79,16 @@ def owner_holds_transaction(session: AsyncSession) -> bool:
     )
 
 
-async def finalize(session: AsyncSession, *, commit: bool) -> None:
+async def finalize(
+    session: AsyncSession, *, commit: bool, raise_callback_errors: bool = False
+) -> None:
     """Commit (when asked) or roll back, then close for good.
 
     A failed commit propagates after the session is rolled back and closed (a failure of that
     close is reported beside it, never in its place). The rollback and the close run to
     completion even when the caller is cancelled, so a cancelled request never keeps its
-    connection checked out.
+    connection checked out. Errors of ``on_commit`` callbacks are then raised as a
+    ``CommitCallbackError`` (``raise_callback_errors``) or logged.
     """
     if commit:
         try:
@@ -94,6 +98,8 @@ async def finalize(session: AsyncSession, *, commit: bool) -> None:
             await finalize_after(session, failed)
             raise
     await _close(session)
+    if hooks.enabled:
+        settle(session, raise_errors=raise_callback_errors)
 
 
 async def finalize_after(session: AsyncSession, primary: BaseException) -> None:
@@ -107,6 +113,8 @@ async def finalize_after(session: AsyncSession, primary: BaseException) -> None:
         await _close(session)
     except Exception as error:
         report_cleanup_error(error, primary)
+    if hooks.enabled:
+        settle(session, raise_errors=False)
 
 
 def report_cleanup_error(error: BaseException, primary: BaseException) -> None:

@@ -10,7 +10,8 @@ Every error the library raises itself derives from one base class::
     ├── ProxyBindingError              (also RuntimeError) a second engine for one proxy
     ├── ConcurrencyError               (also RuntimeError) misuse of multi-session mode
     ├── CoroutineRequiredError         (also TypeError) a task given to a throttled db.gather()
-    └── PoolTimeoutError               (also TimeoutError) no connection within the deadline
+    ├── PoolTimeoutError               (also TimeoutError) no connection within the deadline
+    └── CommitCallbackError            an on_commit callback failed after its data was committed
 
 Each message is one sentence that says what to do about it. Errors of SQLAlchemy and of the
 database driver (``IntegrityError``, ``OperationalError``, ...) are never wrapped: they reach the
@@ -22,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CommitCallbackError",
     "ConcurrencyError",
     "CoroutineRequiredError",
     "FastAPIAsyncSQLAlchemyError",
@@ -124,3 +126,25 @@ class PoolTimeoutError(FastAPIAsyncSQLAlchemyError, TimeoutError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.timeout, self.retry_after, self.pool_status))
+
+
+class CommitCallbackError(FastAPIAsyncSQLAlchemyError):
+    """Raised by ``async with db():`` when an ``on_commit`` callback failed.
+
+    The data **was** committed: only the side effect failed. ``errors`` holds what the failed
+    callbacks raised, in order (more than one only with ``robust=True``); the first is also the
+    ``__cause__``.
+    """
+
+    def __init__(self, errors: list[Exception]) -> None:
+        self.errors = errors
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        super().__init__(
+            f"The data was committed, but an on_commit callback failed with "
+            f"{type(first).__name__}: {first}{more}. Handle the error in the callback, or "
+            "register it with robust=True so the callbacks after it still run."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.errors,))
