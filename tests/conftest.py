@@ -122,6 +122,16 @@ DATABASES = [
 ]
 
 
+def only_on(*names: str) -> pytest.MarkDecorator:
+    """Run a test on these of the three databases only (a behaviour specific to them), among
+    those that ``TEST_DATABASES`` selects."""
+    chosen: list[Any] = [name for name in names if name in DATABASES]
+    if not chosen:
+        reason = f"{'/'.join(names)} not selected by TEST_DATABASES"
+        chosen = [pytest.param(names[0], marks=pytest.mark.skip(reason=reason))]
+    return pytest.mark.parametrize("database_url", chosen, indirect=True)
+
+
 @pytest.fixture(params=DATABASES)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     name: str = request.param

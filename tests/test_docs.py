@@ -181,6 +181,19 @@ async def check_on_commit_errors(ns: dict[str, Any], printed: str) -> None:
     assert printed.split() == ["ConnectionError", "42"]
 
 
+async def check_run_in_transaction(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        await execute(
+            "CREATE TABLE accounts (id INTEGER PRIMARY KEY, balance INTEGER)",
+            "INSERT INTO accounts VALUES (1, 100), (2, 0)",
+        )
+        moved = await client.post("/transfers", params={"source": 1, "target": 2, "amount": 30})
+        assert moved.json() == {"balance": 70}
+        refused = await client.post("/transfers", params={"source": 2, "target": 1, "amount": 99})
+        assert refused.status_code == 500
+        assert await scalar("SELECT balance FROM accounts WHERE id = 2") == 30
+
+
 async def check_errors(ns: dict[str, Any], printed: str) -> None:
     assert "async with db():" in printed
 
@@ -204,6 +217,7 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], Any]] = {
     "errors": check_errors,
     "on-commit": check_on_commit,
     "on-commit-errors": check_on_commit_errors,
+    "run-in-transaction": check_run_in_transaction,
 }
 
 

@@ -4,6 +4,7 @@
 from . import middleware as middleware
 from ._factory import SQLAlchemyMiddleware, create_middleware_and_session_proxy, db
 from ._proxy import DBSessionMeta
+from ._retry import is_retryable
 from .exceptions import (
     CommitCallbackError,
     ConcurrencyError,
@@ -15,6 +16,7 @@ from .exceptions import (
     ProxyBindingError,
     SessionFinalizedError,
     SessionNotInitialisedError,
+    TransactionStateError,
 )
 
 DBSessionType = DBSessionMeta  # the name used by 0.7 and 0.8.0a1
@@ -35,7 +37,9 @@ __all__ = [
     "SQLAlchemyMiddleware",
     "SessionFinalizedError",
     "SessionNotInitialisedError",
+    "TransactionStateError",
     "__version__",
     "create_middleware_and_session_proxy",
     "db",
+    "is_retryable",
 ]

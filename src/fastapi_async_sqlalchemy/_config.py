@@ -166,3 +166,11 @@ def check_positive_int(name: str, value: object) -> int | None:
             f"{name} must be a whole number of at least 1 (or None for no limit), not {value!r}."
         )
     return value
+
+
+def check_attempts(value: object) -> int:
+    """How many times ``run_in_transaction()`` may run its work: a whole number of at least 1."""
+    attempts = check_positive_int("attempts", value)
+    if attempts is None:
+        raise InvalidTypeError("attempts must be a whole number of at least 1, not None.")
+    return attempts

@@ -8,13 +8,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from ._config import (
+    check_attempts,
     check_optional_seconds,
     check_positive_int,
+    check_seconds,
     check_session_args,
     make_session_factory,
 )
@@ -28,12 +30,15 @@ from ._multi import (
     open_within,
 )
 from ._pool import pool_status
+from ._retry import run_in_transaction
 from ._scope import Scope, SessionFactory, finalize, finalize_after
 from .exceptions import (
     MissingSessionError,
     ProxyBindingError,
     SessionNotInitialisedError,
 )
+
+T = TypeVar("T")
 
 _proxy_numbers = itertools.count(1)
 
@@ -163,6 +168,47 @@ class DBSessionMeta:
             joined.append(Registered(callback, bool(robust), self._var))  # runs after this one
             return
         register(self.session, callback, bool(robust), self._var)
+
+    async def run_in_transaction(
+        self,
+        work: Callable[..., Awaitable[T]],
+        *args: Any,
+        attempts: int = 3,
+        backoff: float = 0.05,
+        max_backoff: float = 1.0,
+        deadline: float | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """``await work(*args, **kwargs)`` in a fresh scope of this proxy, then commit; again
+        after a serialization failure or a deadlock (see ``is_retryable``).
+
+        Between attempts it waits a random time up to ``backoff * 2**(attempt - 1)`` seconds
+        (at most ``max_backoff``), and starts no attempt whose wait would end past ``deadline``
+        seconds from the call. When attempts or time run out, the last error propagates with a
+        note saying how many attempts were made. ``on_commit`` callbacks of failed attempts
+        never run. Refused (``TransactionStateError``) where this proxy's session already has
+        an open transaction.
+        """
+        return await run_in_transaction(
+            self,
+            work,
+            args,
+            kwargs,
+            attempts=check_attempts(attempts),
+            backoff=check_seconds("backoff", backoff, allow_zero=True),
+            max_backoff=check_seconds("max_backoff", max_backoff, allow_zero=True),
+            deadline=check_optional_seconds("deadline", deadline),
+        )
+
+    def _in_transaction(self) -> bool:
+        """Whether the session the current task uses here has an open transaction."""
+        scope = self._var.get()
+        if scope is None:
+            return False
+        session = (
+            scope.session_of_current_task() if isinstance(scope, MultiScope) else scope.session
+        )
+        return session is not None and session.in_transaction()
 
     async def gather(self, *aws: Awaitable[Any], return_exceptions: bool = False) -> list[Any]:
         """Like ``asyncio.gather()``; in a multi-session block each coroutine gets its session.

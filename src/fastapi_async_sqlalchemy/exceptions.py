@@ -11,7 +11,8 @@ Every error the library raises itself derives from one base class::
     ├── ConcurrencyError               (also RuntimeError) misuse of multi-session mode
     ├── CoroutineRequiredError         (also TypeError) a task given to a throttled db.gather()
     ├── PoolTimeoutError               (also TimeoutError) no connection within the deadline
-    └── CommitCallbackError            an on_commit callback failed after its data was committed
+    ├── CommitCallbackError            an on_commit callback failed after its data was committed
+    └── TransactionStateError          (also RuntimeError) run_in_transaction() inside a transaction
 
 Each message is one sentence that says what to do about it. Errors of SQLAlchemy and of the
 database driver (``IntegrityError``, ``OperationalError``, ...) are never wrapped: they reach the
@@ -33,6 +34,7 @@ __all__ = [
     "ProxyBindingError",
     "SessionFinalizedError",
     "SessionNotInitialisedError",
+    "TransactionStateError",
 ]
 
 
@@ -148,3 +150,8 @@ class CommitCallbackError(FastAPIAsyncSQLAlchemyError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.errors,))
+
+
+class TransactionStateError(FastAPIAsyncSQLAlchemyError, RuntimeError):
+    """Raised when ``run_in_transaction()`` is called where the proxy's session already has an
+    open transaction: a retry could not undo the part of it that came before."""
