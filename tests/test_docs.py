@@ -194,6 +194,18 @@ async def check_run_in_transaction(ns: dict[str, Any], printed: str) -> None:
         assert await scalar("SELECT balance FROM accounts WHERE id = 2") == 30
 
 
+async def check_statement_timeout(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        response = await client.get("/report")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        await execute(
+            "CREATE TABLE report_cache (line TEXT)", "INSERT INTO report_cache VALUES ('x')"
+        )
+        await ns["nightly_rebuild"]()
+        assert await scalar("SELECT count(*) FROM report_cache") == 0
+
+
 async def check_errors(ns: dict[str, Any], printed: str) -> None:
     assert "async with db():" in printed
 
@@ -218,6 +230,7 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], Any]] = {
     "on-commit": check_on_commit,
     "on-commit-errors": check_on_commit_errors,
     "run-in-transaction": check_run_in_transaction,
+    "statement-timeout": check_statement_timeout,
 }
 
 

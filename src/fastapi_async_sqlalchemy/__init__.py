@@ -16,6 +16,7 @@ from .exceptions import (
     ProxyBindingError,
     SessionFinalizedError,
     SessionNotInitialisedError,
+    StatementTimeoutError,
     TransactionStateError,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "SQLAlchemyMiddleware",
     "SessionFinalizedError",
     "SessionNotInitialisedError",
+    "StatementTimeoutError",
     "TransactionStateError",
     "__version__",
     "create_middleware_and_session_proxy",

@@ -16,12 +16,15 @@ from ._config import (
     InvalidTypeError,
     InvalidURLError,
     SyncDriverError,
+    check_optional_seconds,
     check_positive_int,
     check_seconds,
     check_session_args,
     check_url,
     make_session_factory,
 )
+from ._deadlines import install as install_deadlines
+from ._deadlines import with_deadline
 from ._pool import SaturationWarning
 from ._proxy import Binding, DBSessionMeta, restore
 from ._request import WEBSOCKET_SCOPE_ENDED, RequestScope
@@ -58,6 +61,7 @@ class BaseSQLAlchemyMiddleware:
         pool_warn_interval: float = 10.0,
         max_concurrent_requests: int | None = None,
         request_queue_timeout: float = 0.1,
+        statement_timeout: float | None = None,
     ) -> None:
         # Every check comes before anything is allocated: a refused construction leaves no
         # engine, no pool, and the proxy as it was.
@@ -72,6 +76,7 @@ class BaseSQLAlchemyMiddleware:
             "max_concurrent_requests", max_concurrent_requests
         )
         self.request_queue_timeout = check_seconds("request_queue_timeout", request_queue_timeout)
+        self.statement_timeout = check_optional_seconds("statement_timeout", statement_timeout)
         self.commit_on_exit = bool(commit_on_exit)
         self.proxy._check_bindable(custom_engine)
 
@@ -82,8 +87,12 @@ class BaseSQLAlchemyMiddleware:
         else:
             self.engine = _create_engine(url, engine_args)  # type: ignore[arg-type]
             self.engine_owned = True
+        session_options = self.session_args
+        if self.statement_timeout is not None:
+            install_deadlines(self.engine)
+            session_options = with_deadline(session_options, self.statement_timeout)
         self._binding = Binding(
-            self.engine, make_session_factory(self.engine, self.session_args), self
+            self.engine, make_session_factory(self.engine, session_options), self
         )
         self._admission = (
             Admission(self.max_concurrent_requests, self.request_queue_timeout)

@@ -20,6 +20,9 @@ from ._config import (
     check_session_args,
     make_session_factory,
 )
+from ._deadlines import KEY as DEADLINE
+from ._deadlines import install as install_deadlines
+from ._deadlines import with_deadline
 from ._hooks import Registered, check_callback, register, running
 from ._multi import (
     MULTI_SCOPE_ENDED,
@@ -114,6 +117,7 @@ class DBSessionMeta:
         multi_sessions: bool = False,
         max_concurrent: int | None = None,
         pool_timeout: float | None = None,
+        statement_timeout: float | None = None,
     ) -> ExplicitScope:
         """Open a session scope of its own: ``async with db(): ...``.
 
@@ -122,13 +126,19 @@ class DBSessionMeta:
 
         ``multi_sessions=True`` gives each task its own session (see ``db.gather()`` and
         ``db.connection()``); ``max_concurrent`` caps how many run at once; ``pool_timeout`` is
-        a deadline in seconds for getting a connection (and a slot).
+        a deadline in seconds for getting a connection (and a slot). ``statement_timeout`` has
+        the database stop any statement of the block's sessions that runs longer (seconds;
+        ``StatementTimeoutError``), overriding the middleware's.
         """
         # Without multi_sessions it has no effect, as in 0.8 (there is one session anyway).
         limit = check_positive_int("max_concurrent", max_concurrent)
+        args = check_session_args(session_args)
+        deadline = check_optional_seconds("statement_timeout", statement_timeout)
+        if deadline is not None:
+            args = with_deadline(args, deadline)
         return ExplicitScope(
             self,
-            check_session_args(session_args),
+            args,
             bool(commit_on_exit),
             bool(multi_sessions),
             limit,
@@ -301,6 +311,8 @@ class ExplicitScope:
 
     async def __aenter__(self) -> DBSessionMeta:
         proxy = self._proxy
+        if DEADLINE in self._session_args.get("info", ()):
+            install_deadlines(proxy._require_binding().engine)
         factory = proxy._factory(self._session_args)
         scope: Scope
         if self._multi:

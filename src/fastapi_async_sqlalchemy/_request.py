@@ -8,10 +8,12 @@ forwarded, so a failed commit can never reach the client as a success.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from ._scope import Scope, SessionFactory, finalize, finalize_after, owner_holds_transaction
 from ._types import Message, Send
+from .exceptions import StatementTimeoutError
 
 REQUEST_SCOPE_ENDED = (
     "The request's session was finalized before its response was sent: background tasks, "
@@ -28,6 +30,23 @@ WEBSOCKET_SCOPE_ENDED = (
     "The websocket connection's session was finalized when the connection ended: open a new "
     "session with `async with db():` where it is needed."
 )
+
+
+# The answer to a request whose statement ran past statement_timeout, instead of a bare 500.
+_TIMED_OUT_BODY = b'{"detail":"A database statement took too long: retry shortly."}'
+_TIMED_OUT_START = {
+    "type": "http.response.start",
+    "status": 503,
+    "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(_TIMED_OUT_BODY)).encode()),
+        (b"retry-after", b"1"),
+    ],
+}
+
+
+async def _discard(message: Message) -> None:
+    """Where the app's own messages go once another answer was sent instead."""
 
 
 class RequestScope(Scope):
@@ -82,18 +101,34 @@ class RequestScope(Scope):
                 if commit:
                     commit = self._should_commit(held["status"])  # type: ignore[index]
                 await finalize(session, commit=commit)
-        if held is not None:
+        if held is None:
+            return
+        if held["status"] == 500 and isinstance(sys.exception(), StatementTimeoutError):
+            # The error response of a statement stopped by statement_timeout (say from
+            # Starlette's ServerErrorMiddleware, which sends it while handling the error).
+            await self._answer_timed_out()
+        else:
             await self._send(held)
+
+    async def _answer_timed_out(self) -> None:
+        """Answer 503 with ``Retry-After``; whatever the app sends after that is dropped."""
+        send, self._send = self._send, _discard
+        self._forwarding = True
+        await send(dict(_TIMED_OUT_START))
+        await send({"type": "http.response.body", "body": _TIMED_OUT_BODY})
 
     async def app_raised(self, error: BaseException) -> None:
         """The app raised ``error``: roll back and close; a held response start is dropped.
 
-        ``error`` stays the one that propagates: a failing rollback is only reported.
+        ``error`` stays the one that propagates: a failing rollback is only reported. When it
+        is a ``StatementTimeoutError`` and no response has started, the client gets a 503.
         """
         self._held = None
         session = self.end(REQUEST_SCOPE_ENDED)
         if session is not None:
             await finalize_after(session, error)
+        if isinstance(error, StatementTimeoutError) and not self._forwarding:
+            await self._answer_timed_out()
 
     async def app_returned(self) -> None:
         """The app returned: anything still open (no response sent, or a transaction its owner

@@ -11,6 +11,7 @@ Every error the library raises itself derives from one base class::
     ├── ConcurrencyError               (also RuntimeError) misuse of multi-session mode
     ├── CoroutineRequiredError         (also TypeError) a task given to a throttled db.gather()
     ├── PoolTimeoutError               (also TimeoutError) no connection within the deadline
+    ├── StatementTimeoutError          (also TimeoutError) a statement ran past statement_timeout
     ├── CommitCallbackError            an on_commit callback failed after its data was committed
     └── TransactionStateError          (also RuntimeError) run_in_transaction() inside a transaction
 
@@ -34,6 +35,7 @@ __all__ = [
     "ProxyBindingError",
     "SessionFinalizedError",
     "SessionNotInitialisedError",
+    "StatementTimeoutError",
     "TransactionStateError",
 ]
 
@@ -155,3 +157,21 @@ class CommitCallbackError(FastAPIAsyncSQLAlchemyError):
 class TransactionStateError(FastAPIAsyncSQLAlchemyError, RuntimeError):
     """Raised when ``run_in_transaction()`` is called where the proxy's session already has an
     open transaction: a retry could not undo the part of it that came before."""
+
+
+class StatementTimeoutError(FastAPIAsyncSQLAlchemyError, TimeoutError):
+    """Raised when the database stopped a statement that ran past ``statement_timeout``.
+
+    ``timeout`` is that limit in seconds. A request that fails with it before its response
+    started is answered 503 with ``Retry-After``.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        super().__init__(
+            f"A statement ran past statement_timeout={timeout:g}s and the database stopped it: "
+            "make the statement faster, or raise statement_timeout for this work."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.timeout,))
