@@ -7,6 +7,7 @@ runs the same user code against the published 0.8.1 and compares.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import subprocess
 import sys
@@ -617,3 +618,102 @@ async def test_failed_disposal_at_shutdown_is_passed_on_then_raised(
         await middleware.dispose()
     assert heard == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert any(record.exc_info for record in caplog.records if record.name == LOGGER)
+
+
+# -- found in review ------------------------------------------------------------------------------
+
+
+async def test_connection_inside_a_throttled_gather_child_uses_its_slot(
+    database: Database, db: DBSessionMeta
+) -> None:
+    """A db.gather() child whose first database access is db.connection() is lent its own
+    slot's session, instead of waiting for a second slot (max_concurrent=1 would never give
+    one)."""
+
+    async def work(number: int) -> int:
+        async with db.connection() as session:
+            await session.execute(new_item(f"row-{number}"))
+        return number
+
+    async with asyncio.timeout(10), db(multi_sessions=True, max_concurrent=1, commit_on_exit=True):
+        results = await db.gather(work(1), work(2))
+    assert results == [1, 2]
+    assert await database.names() == ["row-1", "row-2"]
+
+
+async def test_sibling_finishing_as_a_throttled_gather_fails_is_not_committed(
+    database: Database, db: DBSessionMeta
+) -> None:
+    """A sibling that finishes while the failing child is still rolling back is rolled back
+    too: nothing of a fail-fast gather is kept."""
+    failing = asyncio.Event()
+
+    async def fail() -> None:
+        await db.session.execute(text("SELECT 1"))
+        failing.set()
+        raise Boom("first error")
+
+    async def finish_meanwhile() -> None:
+        await db.session.execute(new_item("sibling"))
+        await failing.wait()
+
+    block = db(multi_sessions=True, max_concurrent=2, commit_on_exit=True)
+    with pytest.raises(Boom):
+        async with asyncio.timeout(10), block:
+            await db.gather(fail(), finish_meanwhile())
+    assert await database.names() == []
+
+
+@pytest.mark.parametrize("how", ["db.session", "db.connection()"])
+async def test_cut_off_task_that_swallows_the_cancel_is_not_committed(
+    database: Database, db: DBSessionMeta, how: str
+) -> None:
+    """A task cut off at block exit that catches the CancelledError and returns normally still
+    has its work rolled back, as the block's error says."""
+    wrote = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            if how == "db.session":
+                await db.session.execute(new_item("cut-off"))
+                wrote.set()
+                await asyncio.sleep(30)
+            else:
+                async with db.connection() as session:
+                    await session.execute(new_item("cut-off"))
+                    wrote.set()
+                    await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            return  # swallowed
+
+    tasks: list[asyncio.Task[None]] = []
+    with pytest.raises(ConcurrencyError, match="rolled back"):
+        async with asyncio.timeout(10), db(multi_sessions=True, commit_on_exit=True):
+            tasks.append(asyncio.create_task(stubborn()))
+            await wrote.wait()
+    assert tasks[0].done()
+    assert await database.names() == []
+    assert checked_out(db) == 0
+
+
+@pytest.mark.parametrize("return_exceptions", [False, True])
+@pytest.mark.parametrize("throttle", [{}, {"max_concurrent": 2}])
+async def test_gather_cancelled_before_its_children_ran_leaves_no_unawaited_coroutine(
+    db: DBSessionMeta, throttle: dict[str, Any], return_exceptions: bool
+) -> None:
+    """A block cancelled right after calling db.gather() closes the coroutines no child ever
+    started (a "never awaited" warning is an error in this suite)."""
+    coroutines: list[Any] = []
+
+    async def block() -> None:
+        async with db(multi_sessions=True, **throttle):
+            coroutines.extend([asyncio.sleep(0), asyncio.sleep(0)])
+            await db.gather(*coroutines, return_exceptions=return_exceptions)
+
+    task = asyncio.create_task(block())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    gc.collect()
+    assert all(coroutine.cr_frame is None for coroutine in coroutines)

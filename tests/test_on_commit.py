@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import Database, bound, http_scope, make_app, new_item, serve
+from conftest import Database, Row, bound, http_scope, make_app, new_item, serve
 from fastapi import HTTPException
 from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
 
 from fastapi_async_sqlalchemy import (
     CommitCallbackError,
@@ -345,3 +346,22 @@ async def test_finalized_sessions_keep_no_callbacks(database: Database) -> None:
         session.sync_session.info.get("fastapi_async_sqlalchemy.on_commit") for session in sessions
     ]
     assert leftovers == [None] * 200
+
+
+async def test_callback_in_a_savepoint_whose_flush_failed_never_runs(
+    database: Database, db: DBSessionMeta
+) -> None:
+    """A callback registered in a savepoint after its flush failed belongs to that savepoint,
+    and is dropped when it is rolled back, though the root commits."""
+    await database.insert("taken")
+    ran: list[str] = []
+    async with db(commit_on_exit=True):
+        await db.session.execute(new_item("kept"))
+        savepoint = await db.session.begin_nested()
+        db.session.add(Row(10**8, "taken"))
+        with pytest.raises(IntegrityError):
+            await db.session.flush()
+        db.on_commit(lambda: ran.append("ran"))
+        await savepoint.rollback()
+    assert ran == []
+    assert await database.names() == ["kept", "taken"]

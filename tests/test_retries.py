@@ -273,3 +273,49 @@ async def test_bad_retry_arguments_are_refused(
     [name] = arguments
     with pytest.raises(InvalidConfigurationError, match=name):
         await db.run_in_transaction(work, **arguments)
+
+
+async def test_error_raised_while_handling_a_conflict_is_not_retried(db: DBSessionMeta) -> None:
+    """An error the work raises while handling a conflict (say an HTTP error) is not itself a
+    conflict: it propagates at once, not after every attempt."""
+    calls: list[int] = []
+
+    async def work() -> None:
+        calls.append(1)
+        try:
+            raise SerializationFailure
+        except SerializationFailure:
+            raise PermissionError("answer 409") from None
+
+    with pytest.raises(PermissionError):
+        await db.run_in_transaction(work)
+    assert calls == [1]
+
+    async def chained() -> None:
+        try:
+            raise SerializationFailure
+        except SerializationFailure:
+            raise LookupError("conflict") from SerializationFailure()
+
+    assert not is_retryable(PermissionError("plain"))
+    with pytest.raises(LookupError) as raised:
+        await chained()
+    assert is_retryable(raised.value)  # an explicit cause is followed
+
+
+async def test_run_in_transaction_works_in_a_block_with_a_pool_timeout(
+    database: Database, db: DBSessionMeta
+) -> None:
+    """A pool_timeout block (or throttled child) holds a connection in an empty transaction:
+    that is not an open transaction run_in_transaction must refuse."""
+
+    async def add(name: str) -> str:
+        await db.session.execute(new_item(name))
+        return name
+
+    async with db(pool_timeout=5):
+        assert await db.run_in_transaction(add, "in a plain block") == "in a plain block"
+    async with db(multi_sessions=True, pool_timeout=5):
+        results = await db.gather(db.run_in_transaction(add, "child"))
+    assert results == ["child"]
+    assert await database.names() == ["child", "in a plain block"]

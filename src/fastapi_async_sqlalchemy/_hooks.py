@@ -82,9 +82,8 @@ def register(session: AsyncSession, callback: Callback, robust: bool, var: Conte
         event.listen(Session, "after_transaction_end", _after_transaction_end)
         hooks.enabled = True
     sync_session = session.sync_session
+    # An inactive one (a failed flush) can only end in a rollback, which drops the callback.
     transaction = sync_session.get_nested_transaction() or sync_session.get_transaction()
-    if transaction is not None and not transaction.is_active:
-        transaction = None  # it is ending: the callback waits for the next one
     pending: dict[SessionTransaction | None, list[Registered]] = sync_session.info.setdefault(
         _PENDING, {}
     )

@@ -40,6 +40,8 @@ from .exceptions import (
 
 T = TypeVar("T")
 
+PRECONNECTED = "fastapi_async_sqlalchemy.preconnected"
+
 MULTI_SCOPE_ENDED = (
     "This `async with db(multi_sessions=True):` block has already ended: await every task that "
     "uses the database (or run it with db.gather()) before the block ends."
@@ -49,7 +51,7 @@ MULTI_SCOPE_ENDED = (
 class Child:
     """The session of one task in a multi-session scope."""
 
-    __slots__ = ("finalizing", "managed", "session")
+    __slots__ = ("cut_off", "finalizing", "managed", "session")
 
     def __init__(self, managed: bool) -> None:
         self.session: AsyncSession | None = None
@@ -58,6 +60,7 @@ class Child:
         # finalized once its task is done.
         self.managed = managed
         self.finalizing = False  # committing or rolling back: the block waits, never cancels
+        self.cut_off = False  # cancelled by the block's end: never committed, whatever happens
 
 
 class MultiScope(Scope):
@@ -135,9 +138,18 @@ class MultiScope(Scope):
         return session
 
     def session_of_current_task(self) -> AsyncSession | None:
-        """The session the current task already has here, if any (db.connection() lends it)."""
+        """The session the current task already has here, if any."""
         child = self.by_task.get(_current_task())
         return None if child is None else child.session
+
+    def lends_to_current_task(self) -> bool:
+        """Whether db.connection() lends the current task its session, rather than a new slot:
+        the task has a session here, or holds a slot (a throttled db.gather() child) whose
+        session is made on first use."""
+        child = self.by_task.get(_current_task())
+        return child is not None and (
+            child.session is not None or (child.managed and self.throttled)
+        )
 
     # -- sessions taken straight from db.session -------------------------------------------------
 
@@ -151,8 +163,14 @@ class MultiScope(Scope):
         session, child.session = child.session, None
         if session is None:
             return
-        # Committed only if its task succeeded: half the work of a failed task is never kept.
-        commit = self.commit_on_exit and not task.cancelled() and task.exception() is None
+        # Committed only if its task succeeded: half the work of a failed task is never kept,
+        # nor the work of a task the block's end cut off (even if it swallowed the cancel).
+        commit = (
+            self.commit_on_exit
+            and not child.cut_off
+            and not task.cancelled()
+            and task.exception() is None
+        )
         cleanup = start_cleanup(self._finalize_quietly(session, commit))
         if not cleanup.done():
             self.cleanups.add(cleanup)
@@ -202,7 +220,7 @@ class MultiScope(Scope):
             session, child.session = child.session, None
             if session is not None:
                 if failed is None:
-                    await finalize(session, commit=self.commit_on_exit)
+                    await finalize(session, commit=self.commit_on_exit and not child.cut_off)
                 else:
                     await finalize_after(session, failed)
         finally:
@@ -228,18 +246,20 @@ class MultiScope(Scope):
         owner = self.owner
         # Tasks still at work or waiting for a slot are cancelled; those already finalizing
         # are let finish.
-        pending: list[asyncio.Task[Any]] = []
+        pending: dict[asyncio.Task[Any], None] = {}
         cut_off = 0
         for task in (*self.waiting, *self.by_task):
             if task is owner or task.done() or task in pending:
                 continue
-            pending.append(task)
+            pending[task] = None
             child = self.by_task.get(task)
             if child is None or not child.finalizing:
+                if child is not None:
+                    child.cut_off = True
                 task.cancel()
                 cut_off += 1
         if pending:
-            await asyncio.wait(pending)
+            await asyncio.wait(list(pending))
         # Every other task is done now; sessions whose finalization has not started yet
         # (their tasks' callbacks are still queued) are finalized here.
         own = self.by_task.pop(owner, None) if owner is not None else None
@@ -331,7 +351,23 @@ async def open_within(
         if acquired:
             slots.release()  # type: ignore[union-attr]
         raise
+    # The transaction is open only to hold the connection: nothing ran in it yet.
+    session.sync_session.info[PRECONNECTED] = session.sync_session.get_transaction()
     return session
+
+
+def holds_work(session: AsyncSession) -> bool:
+    """Whether ``session`` has an open transaction that holds something: more than the empty
+    one :func:`open_within` began to hold its connection (as far as can be seen: ORM state)."""
+    sync_session = session.sync_session
+    transaction = sync_session.get_transaction()
+    if transaction is None:
+        return False
+    if sync_session.info.get(PRECONNECTED) is not transaction:
+        return True
+    return bool(
+        sync_session.new or sync_session.dirty or sync_session.deleted or sync_session.identity_map
+    )
 
 
 async def borrow_within(session: AsyncSession, deadline: float) -> AsyncSession:
@@ -396,6 +432,8 @@ async def gather_children(
         if group is not None:
             group.failed = True
             await _stop(children, aws)
+        elif all(child.done() for child in children if isinstance(child, asyncio.Task)):
+            _close_unstarted(aws)  # cancelled before some child ever ran
         raise
     finally:
         if gathering:
@@ -409,6 +447,11 @@ async def _stop(children: list[Awaitable[Any]], aws: tuple[Awaitable[Any], ...])
         child.cancel()
     if running:
         await asyncio.wait(running)
+    _close_unstarted(aws)
+
+
+def _close_unstarted(aws: tuple[Awaitable[Any], ...]) -> None:
+    """Close the coroutines no child ever started, so none is left "never awaited"."""
     for aw in aws:
         if asyncio.iscoroutine(aw) and inspect.getcoroutinestate(aw) == inspect.CORO_CREATED:
             aw.close()
@@ -456,9 +499,16 @@ async def _child(scope: MultiScope, work: Coroutine[Any, Any, T], group: _Group 
             group.failed = True  # before the slot is given back to a sibling waiting for it
         raise
     finally:
+        if failed is None and group is not None and group.failed:
+            # A sibling failed while this one finished: nothing of the gather is kept.
+            failed = asyncio.CancelledError()
         task.guard()
         try:
             await scope.leave_slot(child, previous, failed)
+        except BaseException:
+            if group is not None:
+                group.failed = True  # its commit failed: no sibling starts any more
+            raise
         finally:
             task.unguard()
 

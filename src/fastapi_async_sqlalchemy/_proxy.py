@@ -30,6 +30,7 @@ from ._multi import (
     MultiScope,
     borrow_within,
     gather_children,
+    holds_work,
     open_within,
 )
 from ._pool import pool_status
@@ -218,7 +219,7 @@ class DBSessionMeta:
         session = (
             scope.session_of_current_task() if isinstance(scope, MultiScope) else scope.session
         )
-        return session is not None and session.in_transaction()
+        return session is not None and holds_work(session)
 
     async def gather(self, *aws: Awaitable[Any], return_exceptions: bool = False) -> list[Any]:
         """Like ``asyncio.gather()``; in a multi-session block each coroutine gets its session.
@@ -397,16 +398,11 @@ class Connection:
         if isinstance(scope, MultiScope):
             if timeout is None:
                 timeout = scope.pool_timeout
-            session = scope.session_of_current_task()
-            if session is None:
+            if not scope.lends_to_current_task():
                 child, previous = await scope.enter_slot(timeout)
-                session = child.session
-                if session is None:
-                    session = child.session = scope.factory()
                 self._scope, self._child, self._previous = scope, child, previous
-                return session
-        else:
-            session = proxy.session
+                return scope.open()  # the new child's session (it may already hold one)
+        session = proxy.session
         if timeout is not None:
             await borrow_within(session, timeout)
         return session

@@ -53,7 +53,11 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc``, the DBAPI error SQLAlchemy wrapped, and their causes, each once."""
+    """``exc``, the DBAPI error SQLAlchemy wrapped, and their explicit causes, each once.
+
+    Not ``__context__``: an error raised while handling a deadlock (say an HTTPException) is
+    not a deadlock.
+    """
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
     while pending and len(seen) < 16:
@@ -63,11 +67,7 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(error))
         yield error
         orig = getattr(error, "orig", None)
-        pending += [
-            error.__context__,
-            error.__cause__,
-            orig if isinstance(orig, BaseException) else None,
-        ]
+        pending += [error.__cause__, orig if isinstance(orig, BaseException) else None]
 
 
 async def run_in_transaction(
