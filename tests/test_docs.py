@@ -206,6 +206,12 @@ async def check_statement_timeout(ns: dict[str, Any], printed: str) -> None:
         assert await scalar("SELECT count(*) FROM report_cache") == 0
 
 
+async def check_assert_num_queries(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]):
+        await execute("CREATE TABLE tags (name TEXT)", "INSERT INTO tags VALUES ('red'), ('blue')")
+        await ns["test_tags_are_one_query"]()
+
+
 async def check_errors(ns: dict[str, Any], printed: str) -> None:
     assert "async with db():" in printed
 
@@ -231,6 +237,7 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], Any]] = {
     "on-commit-errors": check_on_commit_errors,
     "run-in-transaction": check_run_in_transaction,
     "statement-timeout": check_statement_timeout,
+    "assert-num-queries": check_assert_num_queries,
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar, Token
@@ -46,6 +47,11 @@ T = TypeVar("T")
 
 _proxy_numbers = itertools.count(1)
 
+# Every proxy, and callables told of each engine a proxy is bound to: what the testing kit
+# (fastapi_async_sqlalchemy.testing) watches. Nothing else uses them.
+proxies: weakref.WeakSet[DBSessionMeta] = weakref.WeakSet()
+bind_watchers: list[Callable[[AsyncEngine], None]] = []
+
 EXPLICIT_SCOPE_ENDED = (
     "This session belongs to an `async with db():` block that has already ended: open a new "
     "`async with db():` block where the session is needed."
@@ -76,6 +82,7 @@ class DBSessionMeta:
         )
         self._binding: Binding | None = None
         self._name = "db" if number == 1 else f"db#{number}"
+        proxies.add(self)
 
     def __repr__(self) -> str:
         state = "bound" if self._binding is not None else "unbound"
@@ -261,6 +268,8 @@ class DBSessionMeta:
     def _bind(self, binding: Binding) -> None:
         self._check_bindable(binding.engine)
         self._binding = binding
+        for watcher in bind_watchers:
+            watcher(binding.engine)
 
     def _unbind(self, owner: object) -> None:
         binding = self._binding
