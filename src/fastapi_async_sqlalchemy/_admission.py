@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 
+from ._responses import unavailable
 from ._types import Message, Send
 
 # The answer 0.8 gave, to the byte: clients may look for it.
@@ -41,18 +42,7 @@ class Admission:
 
     async def refuse(self, send: Send) -> None:
         """Answer 503 with ``Retry-After``, without calling the app."""
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 503,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(_BODY)).encode()),
-                    (b"retry-after", b"1"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": _BODY})
+        await unavailable(send, _BODY)
 
 
 # The messages that end a response: with them the request no longer needs its permit.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from ._responses import unavailable
 from ._scope import Scope, SessionFactory, finalize, finalize_after, owner_holds_transaction
 from ._types import Message, Send
 from .exceptions import StatementTimeoutError
@@ -34,15 +35,6 @@ WEBSOCKET_SCOPE_ENDED = (
 
 # The answer to a request whose statement ran past statement_timeout, instead of a bare 500.
 _TIMED_OUT_BODY = b'{"detail":"A database statement took too long: retry shortly."}'
-_TIMED_OUT_START = {
-    "type": "http.response.start",
-    "status": 503,
-    "headers": [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(_TIMED_OUT_BODY)).encode()),
-        (b"retry-after", b"1"),
-    ],
-}
 
 
 async def _discard(message: Message) -> None:
@@ -114,8 +106,7 @@ class RequestScope(Scope):
         """Answer 503 with ``Retry-After``; whatever the app sends after that is dropped."""
         send, self._send = self._send, _discard
         self._forwarding = True
-        await send(dict(_TIMED_OUT_START))
-        await send({"type": "http.response.body", "body": _TIMED_OUT_BODY})
+        await unavailable(send, _TIMED_OUT_BODY)
 
     async def app_raised(self, error: BaseException) -> None:
         """The app raised ``error``: roll back and close; a held response start is dropped.
