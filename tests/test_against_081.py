@@ -164,6 +164,11 @@ def test_max_concurrent_without_multi_sessions(tmp_path: Path) -> None:
     assert_same("max_concurrent_without_multi", tmp_path, sqlite_only(tmp_path))
 
 
+def test_multi_sessions_taken_for_its_truth(tmp_path: Path) -> None:
+    """multi_sessions=1 or "yes" acts as True, 0 or None as False, as in 0.8.1."""
+    assert_same("multi_sessions_truthy", tmp_path, sqlite_only(tmp_path))
+
+
 def test_pool_warn_interval_zero(tmp_path: Path) -> None:
     """pool_warn_interval=0 is accepted and warns at every checkout past the threshold."""
     assert_same("pool_warn_interval_zero", tmp_path, sqlite_only(tmp_path))

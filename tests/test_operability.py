@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -369,19 +370,29 @@ async def check_out(db: DBSessionMeta, count: int) -> None:
 SMALL_POOL = {"pool_size": 2, "max_overflow": 0}
 
 
-async def test_saturated_pool_logs_one_warning_per_interval(
-    database: Database, caplog: pytest.LogCaptureFixture, clock: Clock
-) -> None:
-    """Crossing the threshold logs a WARNING, then nothing more until the interval has passed."""
+@asynccontextmanager
+async def half_pool_watched(database: Database, interval: float) -> AsyncIterator[DBSessionMeta]:
+    """A proxy on a pool of two that warns when half of it is checked out, at most once per
+    ``interval`` seconds."""
     Middleware, db = create_middleware_and_session_proxy()
     middleware = Middleware(
         FastAPI(),
         db_url=database.url,
         engine_args=SMALL_POOL,
         pool_warn_threshold=0.5,
-        pool_warn_interval=10,
+        pool_warn_interval=interval,
     )
     try:
+        yield db
+    finally:
+        await middleware.dispose()
+
+
+async def test_saturated_pool_logs_one_warning_per_interval(
+    database: Database, caplog: pytest.LogCaptureFixture, clock: Clock
+) -> None:
+    """Crossing the threshold logs a WARNING, then nothing more until the interval has passed."""
+    async with half_pool_watched(database, interval=10) as db:
         await check_out(db, 1)
         first = saturation_warnings(caplog)
         clock.advance(9.5)
@@ -391,8 +402,6 @@ async def test_saturated_pool_logs_one_warning_per_interval(
         clock.advance(1)
         await check_out(db, 1)
         after_interval = saturation_warnings(caplog)
-    finally:
-        await middleware.dispose()
 
     assert len(first) == 1
     assert "saturated" in first[0]
@@ -406,19 +415,9 @@ async def test_zero_warn_interval_warns_at_every_crossing(
 ) -> None:
     """pool_warn_interval=0 is accepted (as 0.8.1 accepts it) and warns at every checkout that
     leaves the pool above the threshold, with no time passing in between."""
-    Middleware, db = create_middleware_and_session_proxy()
-    middleware = Middleware(
-        FastAPI(),
-        db_url=database.url,
-        engine_args=SMALL_POOL,
-        pool_warn_threshold=0.5,
-        pool_warn_interval=0,
-    )
-    try:
+    async with half_pool_watched(database, interval=0) as db:
         for _ in range(3):
             await check_out(db, 1)
-    finally:
-        await middleware.dispose()
 
     assert len(saturation_warnings(caplog)) == 3
 

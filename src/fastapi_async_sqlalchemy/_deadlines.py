@@ -24,12 +24,8 @@ from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, SessionTransaction
 
+from ._greenlet import await_
 from .exceptions import StatementTimeoutError
-
-try:  # SQLAlchemy 2.1 renamed it
-    from sqlalchemy.util import await_ as _await
-except ImportError:  # pragma: no cover - SQLAlchemy 2.0
-    from sqlalchemy.util import await_only as _await
 
 KEY = "fastapi_async_sqlalchemy.statement_timeout"
 _GUARD = "fastapi_async_sqlalchemy.statement_guard"
@@ -120,7 +116,7 @@ def _sqlite_statement(connection: Connection, *_: Any) -> None:
             return
         result = setter(guard.check, 1000)
         if result is not None and hasattr(result, "__await__"):
-            _await(result)  # aiosqlite: runs in its own thread
+            await_(result)  # aiosqlite: runs in its own thread
     guard.deadline = None if seconds is None else time.monotonic() + seconds
 
 

@@ -30,12 +30,8 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
+from ._greenlet import await_
 from .exceptions import CommitCallbackError
-
-try:  # SQLAlchemy 2.1 renamed it
-    from sqlalchemy.util import await_ as _await
-except ImportError:  # pragma: no cover - SQLAlchemy 2.0
-    from sqlalchemy.util import await_only as _await
 
 logger = logging.getLogger("fastapi_async_sqlalchemy")
 
@@ -103,7 +99,7 @@ def _after_commit(session: Session) -> None:
         return
     due = [*pending.pop(None, ()), *pending.pop(session.get_transaction(), ())]
     if due:
-        _await(_run(session, due))
+        await_(_run(session, due))
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:

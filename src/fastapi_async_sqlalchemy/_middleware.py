@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -28,11 +27,9 @@ from ._deadlines import with_deadline
 from ._pool import SaturationWarning
 from ._proxy import Binding, DBSessionMeta, restore
 from ._request import WEBSOCKET_SCOPE_ENDED, RequestScope
-from ._scope import Scope, finalize, finalize_after
+from ._scope import Scope, finalize, finalize_after, logger
 from ._types import ASGIApp, ASGIScope, Message, Receive, Send
 from .exceptions import InvalidConfigurationError, ProxyBindingError
-
-logger = logging.getLogger("fastapi_async_sqlalchemy.middleware")
 
 _LIFESPAN_ENDS = frozenset(
     {"lifespan.shutdown.complete", "lifespan.shutdown.failed", "lifespan.startup.failed"}
@@ -195,15 +192,13 @@ class BaseSQLAlchemyMiddleware:
             raise
 
         async def send_and_dispose(message: Message) -> None:
-            if message["type"] not in _LIFESPAN_ENDS:
-                await send(message)
-                return
-            try:
-                await self.dispose()
-            except Exception:
-                logger.exception("Disposing the database engine at lifespan end failed")
-                await send(message)  # the server hears the end all the same, then the error
-                raise
+            if message["type"] in _LIFESPAN_ENDS:
+                try:
+                    await self.dispose()
+                except Exception:
+                    logger.exception("Disposing the database engine at lifespan end failed")
+                    await send(message)  # the server hears the end all the same, then the error
+                    raise
             await send(message)
 
         await self.app(scope, receive, send_and_dispose)

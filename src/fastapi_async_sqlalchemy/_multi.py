@@ -462,10 +462,8 @@ def _kinds(refused: Iterable[object]) -> str:
 
 
 def _refuse(aws: tuple[Awaitable[Any], ...], error: Exception) -> NoReturn:
-    """Close every coroutine passed (none is left "never awaited"), then raise ``error``."""
-    for aw in aws:
-        if asyncio.iscoroutine(aw):
-            aw.close()
+    """Close every coroutine passed (none has started), then raise ``error``."""
+    _close_unstarted(aws)
     raise error
 
 

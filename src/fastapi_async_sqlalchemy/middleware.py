@@ -2,8 +2,8 @@
 
 from ._config import default_session_class
 from ._factory import SQLAlchemyMiddleware, create_middleware_and_session_proxy, db
-from ._middleware import logger
 from ._proxy import DBSessionMeta
+from ._scope import logger
 from .exceptions import MissingSessionError, PoolTimeoutError, SessionNotInitialisedError
 
 DefaultAsyncSession = default_session_class()
