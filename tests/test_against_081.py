@@ -238,3 +238,8 @@ def test_bad_construction_arguments_stay_catchable(tmp_path: Path) -> None:
 def test_engine_disposal_failing_at_shutdown(tmp_path: Path) -> None:
     """A disposal failure at lifespan shutdown: what the server is told and how the call ends."""
     assert_same("disposal_fails_at_shutdown", tmp_path, sqlite_only(tmp_path))
+
+
+def test_request_whose_first_call_is_a_savepoint(database_url: str, tmp_path: Path) -> None:
+    """A route that starts with begin_nested() has its work committed by commit_on_exit."""
+    assert_same("request_begins_with_savepoint", tmp_path, database_url)

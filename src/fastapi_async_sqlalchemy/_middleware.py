@@ -27,7 +27,7 @@ from ._deadlines import with_deadline
 from ._pool import SaturationWarning
 from ._proxy import Binding, DBSessionMeta, restore
 from ._request import WEBSOCKET_SCOPE_ENDED, RequestScope
-from ._scope import Scope, finalize, finalize_after, logger
+from ._scope import Scope, finalize, finalize_after, logger, watch_savepoint_roots
 from ._types import ASGIApp, ASGIScope, Message, Receive, Send
 from .exceptions import InvalidConfigurationError, ProxyBindingError
 
@@ -78,6 +78,7 @@ class BaseSQLAlchemyMiddleware:
         self.proxy._check_bindable(custom_engine)
 
         self.app = app
+        watch_savepoint_roots()
         if custom_engine is not None:
             self.engine = custom_engine
             self.engine_owned = False

@@ -13,11 +13,14 @@ import contextlib
 import logging
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Coroutine
+from types import FrameType
 from typing import Any, TypeVar
 
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import SessionTransactionOrigin
+from sqlalchemy.orm import Session, SessionTransaction, SessionTransactionOrigin
 
 from ._hooks import hooks, settle
 from .exceptions import SessionFinalizedError
@@ -69,14 +72,42 @@ def owner_holds_transaction(session: AsyncSession) -> bool:
     """True while a transaction begun explicitly (``session.begin()``) is still open.
 
     Such a transaction belongs to the code that began it (say a FastAPI ``yield`` dependency
-    that commits in its teardown): the middleware must neither commit nor roll it back.
+    that commits in its teardown): the middleware must neither commit nor roll it back. One
+    that ``begin_nested()`` began around its savepoint is the scope's, as in 0.8.
     """
     transaction = session.sync_session.get_transaction()
     return (
         transaction is not None
         and transaction.origin is SessionTransactionOrigin.BEGIN
         and transaction.is_active
+        and transaction not in _savepoint_roots
     )
+
+
+# Transactions that SQLAlchemy marks as begun explicitly although begin_nested() began them,
+# around its savepoint, on a session that had none.
+_savepoint_roots: weakref.WeakSet[SessionTransaction] = weakref.WeakSet()
+_BEGIN = Session.begin.__code__
+
+
+def watch_savepoint_roots() -> None:
+    """Tell the transactions begin_nested() begins from those begin() does (once a process)."""
+    if not event.contains(Session, "after_transaction_create", _transaction_created):
+        event.listen(Session, "after_transaction_create", _transaction_created)
+
+
+def _transaction_created(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is not None or transaction.origin is not SessionTransactionOrigin.BEGIN:
+        return
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(8):  # up through SQLAlchemy's event dispatch to Session.begin()
+        if frame is None:
+            return
+        if frame.f_code is _BEGIN:
+            if frame.f_locals.get("nested"):
+                _savepoint_roots.add(transaction)
+            return
+        frame = frame.f_back
 
 
 async def finalize(
