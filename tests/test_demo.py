@@ -10,6 +10,7 @@ from conftest import Database, serve
 from sqlalchemy import text
 
 from fastapi_async_sqlalchemy import db
+from fastapi_async_sqlalchemy.testing import assert_max_queries, isolated
 
 pytestmark = pytest.mark.anyio
 
@@ -34,6 +35,37 @@ async def test_demo_app_creates_lists_counts_and_deletes_notes(
             assert (await client.delete(f"/notes/{note_id}")).status_code == 404
             assert (await client.get("/notes")).json() == []
             assert db.pool_status()["checked_out"] == 0
+    finally:
+        async with database.check.begin() as connection:
+            await connection.execute(text("DROP TABLE IF EXISTS demo_audit"))
+            await connection.execute(text("DROP TABLE IF EXISTS demo_notes"))
+
+
+async def test_demo_app_under_the_testing_kit(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo tested as its users would test it: each isolated run starts from empty tables,
+    sees its own writes (the route's, the background audit's, the gathered counts), and leaves
+    nothing behind; the route that lists notes is one query however many there are."""
+    monkeypatch.setenv("DEMO_DATABASE_URL", database.url)
+    demo = runpy.run_path(str(DEMO), run_name="demo")
+    try:
+        async with serve(demo["app"]) as client:  # the lifespan creates the tables, outside
+            for _ in range(2):
+                async with isolated():
+                    assert (await client.get("/notes")).json() == []
+                    for text_ in ("one", "two", "three"):
+                        assert (
+                            await client.post("/notes", params={"text": text_})
+                        ).status_code == 201
+                    with assert_max_queries(1):
+                        listed = (await client.get("/notes")).json()
+                    assert [note["text"] for note in listed] == ["one", "two", "three"]
+                    assert (await client.get("/stats")).json() == {"notes": 3, "audit_entries": 3}
+                assert db.pool_status()["checked_out"] == 0
+        async with database.check.connect() as connection:
+            count = await connection.execute(text("SELECT count(*) FROM demo_notes"))
+            assert count.scalar_one() == 0
     finally:
         async with database.check.begin() as connection:
             await connection.execute(text("DROP TABLE IF EXISTS demo_audit"))

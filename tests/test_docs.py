@@ -19,6 +19,7 @@ from conftest import serve
 from sqlalchemy import text
 
 from fastapi_async_sqlalchemy import db
+from fastapi_async_sqlalchemy.testing import isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -212,6 +213,33 @@ async def check_assert_num_queries(ns: dict[str, Any], printed: str) -> None:
         await ns["test_tags_are_one_query"]()
 
 
+async def check_isolation_fastapi(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        await execute(
+            "CREATE TABLE plans (name TEXT)", "CREATE TABLE users (name TEXT UNIQUE, plan TEXT)"
+        )
+        async with isolated():
+            await ns["test_signup"](None, client)
+        async with isolated():
+            await ns["test_the_next_test_starts_clean"](None, client)
+        assert await scalar("SELECT count(*) FROM plans") == 0
+        assert await scalar("SELECT count(*) FROM users") == 0
+
+
+async def check_isolation_starlette(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]):
+        await execute("CREATE TABLE notes (body TEXT)")
+        await ns["test_notes"]()
+        assert await scalar("SELECT count(*) FROM notes") == 0
+
+
+async def check_capture_on_commit(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]):
+        await execute("CREATE TABLE orders (item TEXT)")
+        await ns["test_the_confirmation_waits_for_the_commit"]()
+        assert await scalar("SELECT count(*) FROM orders") == 0
+
+
 async def check_errors(ns: dict[str, Any], printed: str) -> None:
     assert "async with db():" in printed
 
@@ -238,6 +266,9 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], Any]] = {
     "run-in-transaction": check_run_in_transaction,
     "statement-timeout": check_statement_timeout,
     "assert-num-queries": check_assert_num_queries,
+    "isolation-fastapi": check_isolation_fastapi,
+    "isolation-starlette": check_isolation_starlette,
+    "capture-on-commit": check_capture_on_commit,
 }
 
 

@@ -44,9 +44,14 @@ _ERRORS = "fastapi_async_sqlalchemy.on_commit_errors"
 
 
 class _Hooks:
-    """Whether any callback was ever registered: until then nothing here costs anything."""
+    """Whether any callback was ever registered: until then nothing here costs anything.
+
+    ``capture``, set by the testing kit's ``capture_on_commit_callbacks()``, takes the callbacks
+    due after a commit instead of running them.
+    """
 
     enabled = False
+    capture: Callable[[list[Registered]], None] | None = None
 
 
 hooks = _Hooks()
@@ -99,7 +104,10 @@ def _after_commit(session: Session) -> None:
         return
     due = [*pending.pop(None, ()), *pending.pop(session.get_transaction(), ())]
     if due:
-        await_(_run(session, due))
+        if hooks.capture is not None:
+            hooks.capture(due)
+        else:
+            await_(_run(session, due))
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
@@ -123,6 +131,25 @@ async def _run(session: Session, due: list[Registered]) -> None:
 
     ``due`` may grow while it runs: callbacks registered by a callback run after it.
     """
+
+    def failed(registered: Registered, error: Exception) -> bool:
+        session.info.setdefault(_ERRORS, []).append(error)
+        return not registered.robust
+
+    await _run_each(due, failed)
+
+
+async def run_now(due: list[Registered]) -> None:
+    """Run captured callbacks in order, as after a commit, but let the first error propagate
+    (the testing kit's ``capture_on_commit_callbacks(execute=True)``)."""
+    await _run_each(due, None)
+
+
+async def _run_each(
+    due: list[Registered], failed: Callable[[Registered, Exception], bool] | None
+) -> None:
+    """Run ``due`` in order, each with no session of its proxy current; ``failed`` keeps an
+    error and says whether to stop (without it, the error propagates)."""
     running_token = running.set(due)
     try:
         index = 0
@@ -135,8 +162,9 @@ async def _run(session: Session, due: list[Registered]) -> None:
                 if inspect.isawaitable(result):
                     await result
             except Exception as exc:
-                session.info.setdefault(_ERRORS, []).append(exc)
-                if not registered.robust:
+                if failed is None:
+                    raise
+                if failed(registered, exc):
                     return
             finally:
                 registered.var.reset(token)

@@ -47,10 +47,10 @@ T = TypeVar("T")
 
 _proxy_numbers = itertools.count(1)
 
-# Every proxy, and callables told of each engine a proxy is bound to: what the testing kit
+# Every proxy, and callables told of each binding a proxy gets: what the testing kit
 # (fastapi_async_sqlalchemy.testing) watches. Nothing else uses them.
 proxies: weakref.WeakSet[DBSessionMeta] = weakref.WeakSet()
-bind_watchers: list[Callable[[AsyncEngine], None]] = []
+bind_watchers: list[Callable[[Binding], None]] = []
 
 EXPLICIT_SCOPE_ENDED = (
     "This session belongs to an `async with db():` block that has already ended: open a new "
@@ -269,7 +269,7 @@ class DBSessionMeta:
         self._check_bindable(binding.engine)
         self._binding = binding
         for watcher in bind_watchers:
-            watcher(binding.engine)
+            watcher(binding)
 
     def _unbind(self, owner: object) -> None:
         binding = self._binding

@@ -5,7 +5,8 @@ bound already and those bound during the block) records each statement and the l
 code that sent it. Async engines run statements in a greenlet whose own stack ends inside
 SQLAlchemy: the caller is found by walking on into the parent greenlet's frames, where the
 awaiting coroutine is suspended. Savepoint statements (``SAVEPOINT``, ``RELEASE``,
-``ROLLBACK TO``) are not counted: they are transaction bookkeeping, not the app's queries.
+``ROLLBACK TO``) are not counted: they are transaction bookkeeping, not the app's queries;
+neither is the ``BEGIN`` that ``isolated()`` sends on SQLite.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from typing import Any
 import greenlet
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .. import _proxy
 
 __all__ = ["Queries", "Query", "assert_max_queries", "assert_num_queries", "capture_queries"]
 
-_BOOKKEEPING = re.compile(r"\s*(SAVEPOINT|RELEASE\s+SAVEPOINT|ROLLBACK\s+TO\s+SAVEPOINT)\b", re.I)
+# Savepoints, and the BEGIN with which isolated() opens its transaction on SQLite.
+_BOOKKEEPING = re.compile(
+    r"\s*(SAVEPOINT|RELEASE\s+SAVEPOINT|ROLLBACK\s+TO\s+SAVEPOINT)\b|\s*BEGIN\s*$", re.I
+)
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _NOT_USER_CODE = tuple(
     {
@@ -82,8 +85,8 @@ def capture_queries() -> Iterator[Queries]:
 
     watched: list[Engine] = []
 
-    def watch(engine: AsyncEngine) -> None:
-        sync_engine = engine.sync_engine
+    def watch(binding: _proxy.Binding) -> None:
+        sync_engine = binding.engine.sync_engine
         if sync_engine not in watched:
             watched.append(sync_engine)
             event.listen(sync_engine, "before_cursor_execute", record)
@@ -91,7 +94,7 @@ def capture_queries() -> Iterator[Queries]:
     for proxy in list(_proxy.proxies):
         binding = proxy._binding
         if binding is not None:
-            watch(binding.engine)
+            watch(binding)
     _proxy.bind_watchers.append(watch)
     try:
         yield recorded
@@ -132,7 +135,8 @@ def _caller() -> str:
     while current is not None:
         while frame is not None:
             filename = frame.f_code.co_filename
-            if not filename.startswith(_NOT_USER_CODE) and not filename.startswith("<frozen"):
+            # "<...>": frozen modules, and the wrappers SQLAlchemy generates at run time.
+            if not filename.startswith(_NOT_USER_CODE) and not filename.startswith("<"):
                 return f"{os.path.relpath(filename)}:{frame.f_lineno}"
             frame = frame.f_back
         current = current.parent

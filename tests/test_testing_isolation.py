@@ -1,0 +1,615 @@
+"""The testing kit's isolation: `isolated()` / `db_isolation` roll back whatever the app wrote.
+
+Each test runs on SQLite (a file and memory), PostgreSQL (asyncpg and psycopg) and MariaDB
+(asyncmy and aiomysql). The app gets the engine as ``custom_engine`` (an in-memory SQLite
+database lives in its engine), and what was really committed is read outside ``isolated()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import SERVER_URLS, Row, _server_reachable, items, metadata, new_item
+from fastapi import BackgroundTasks, FastAPI, HTTPException
+from sqlalchemy import func, inspect, select, text
+from sqlalchemy.exc import IntegrityError, InvalidRequestError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from fastapi_async_sqlalchemy import DBSessionMeta, create_middleware_and_session_proxy
+from fastapi_async_sqlalchemy.testing import IsolationError, capture_on_commit_callbacks, isolated
+
+pytestmark = pytest.mark.anyio
+
+NAMES = select(items.c.name).order_by(items.c.name)
+COUNT = select(func.count()).select_from(items)
+
+_SERVERS = {
+    "postgresql+asyncpg": SERVER_URLS["postgresql"],
+    "postgresql+psycopg": SERVER_URLS["postgresql"].replace("+asyncpg", "+psycopg"),
+    "mariadb+asyncmy": SERVER_URLS["mariadb"],
+    "mariadb+aiomysql": SERVER_URLS["mariadb"].replace("+asyncmy", "+aiomysql"),
+}
+_SELECTED = os.environ.get("TEST_DATABASES", "sqlite,postgresql,mariadb").split(",")
+TARGETS = [
+    name
+    for name in ("sqlite-file", "sqlite-memory", *_SERVERS)
+    if name.split("-")[0].split("+")[0] in _SELECTED
+]
+
+
+@dataclass
+class Target:
+    """One database and driver: the app's engine, with a fresh ``items`` table."""
+
+    name: str
+    engine: AsyncEngine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    async def committed(self) -> list[str]:
+        """The names really in the table (read outside any isolation)."""
+        async with self.engine.connect() as connection:
+            return [row[0] for row in await connection.execute(NAMES)]
+
+
+@pytest.fixture(params=TARGETS)
+async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Target]:
+    name: str = request.param
+    if name == "sqlite-file":
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'kit.sqlite3'}")
+    elif name == "sqlite-memory":
+        engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)
+    else:
+        url = _SERVERS[name]
+        if not _server_reachable(url):
+            if os.environ.get("CI"):
+                pytest.fail(f"{name} is not reachable: CI must test every database")
+            pytest.skip(f"{name} is not reachable")
+        engine = create_async_engine(url)
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.drop_all)
+        await connection.run_sync(metadata.create_all)
+    yield Target(name, engine)
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.drop_all)
+    await engine.dispose()
+
+
+def app_on(target: Target, **options: Any) -> tuple[FastAPI, DBSessionMeta]:
+    """A FastAPI app whose middleware (bound at once) uses the target's engine."""
+    Middleware, db = create_middleware_and_session_proxy()
+    app = FastAPI()
+    app.add_middleware(Middleware, custom_engine=target.engine, commit_on_exit=True, **options)
+    app.build_middleware_stack()  # FastAPI builds it on the first call; bind the proxy now
+
+    @app.post("/items/{name}")
+    async def add(name: str) -> dict[str, str]:
+        await db.session.execute(new_item(name))
+        if name.startswith("refused"):
+            raise HTTPException(409, "refused")
+        return {"added": name}
+
+    @app.get("/items")
+    async def names() -> list[str]:
+        return [row[0] for row in await db.session.execute(NAMES)]
+
+    return app, db
+
+
+@asynccontextmanager
+async def client_for(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+async def names_in(db: DBSessionMeta) -> list[str]:
+    async with db():
+        return [row[0] for row in await db.session.execute(NAMES)]
+
+
+def checked_out(target: Target) -> int:
+    if target.name == "sqlite-memory":
+        return 0  # StaticPool keeps its one connection and counts nothing
+    return int(target.engine.pool.checkedout())  # type: ignore[attr-defined]
+
+
+# -- what the app commits is seen in the test, and gone after it --------------------------------
+
+
+async def test_a_request_commit_is_seen_by_the_test_and_gone_after_it(target: Target) -> None:
+    app, db = app_on(target)
+    async with client_for(app) as client:
+        async with isolated():
+            assert (await client.post("/items/one")).status_code == 200
+            assert await names_in(db) == ["one"]
+            assert (await client.get("/items")).json() == ["one"]
+        assert await target.committed() == []
+        assert checked_out(target) == 0
+        async with isolated():  # the next test starts from nothing
+            assert (await client.get("/items")).json() == []
+
+
+async def test_an_app_rollback_keeps_the_rows_the_test_seeded(target: Target) -> None:
+    app, db = app_on(target)
+    async with client_for(app) as client, isolated():
+        async with db(commit_on_exit=True):
+            await db.session.execute(new_item("seed"))
+        assert (await client.post("/items/refused")).status_code == 409  # rolled back
+        assert (await client.get("/items")).json() == ["seed"]
+    assert await target.committed() == []
+
+
+async def test_an_error_in_the_app_rolls_back_only_the_app(target: Target) -> None:
+    app, db = app_on(target)
+
+    @app.post("/fails")
+    async def fails() -> None:
+        await db.session.execute(new_item("half"))
+        raise RuntimeError("the app fails")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client, isolated():
+        async with db(commit_on_exit=True):
+            await db.session.execute(new_item("seed"))
+        assert (await client.post("/fails")).status_code == 500
+        assert await names_in(db) == ["seed"]
+    assert await target.committed() == []
+
+
+async def test_blocks_and_requests_in_turn(target: Target) -> None:
+    app, db = app_on(target)
+    async with client_for(app) as client, isolated():
+        async with db(commit_on_exit=True):
+            await db.session.execute(new_item("first"))
+        assert (await client.post("/items/second")).status_code == 200
+        async with db(commit_on_exit=True):
+            assert [row[0] for row in await db.session.execute(NAMES)] == ["first", "second"]
+            await db.session.execute(new_item("third"))
+        async with db():  # not committed: rolled back at the block's end
+            await db.session.execute(new_item("dropped"))
+        assert (await client.get("/items")).json() == ["first", "second", "third"]
+    assert await target.committed() == []
+
+
+async def test_the_apps_own_savepoints(target: Target) -> None:
+    """begin_nested() committed, rolled back, and failing with IntegrityError then more work."""
+    app, db = app_on(target)
+
+    @app.post("/nested")
+    async def nested() -> list[str]:
+        session = db.session
+        async with session.begin_nested():
+            await session.execute(new_item("kept"))
+        savepoint = await session.begin_nested()
+        await session.execute(new_item("undone"))
+        await savepoint.rollback()
+        try:
+            async with session.begin_nested():
+                await session.execute(new_item("kept"))  # a duplicate name
+        except IntegrityError:
+            pass
+        await session.execute(new_item("after"))
+        return [row[0] for row in await session.execute(NAMES)]
+
+    async with client_for(app) as client, isolated():
+        response = await client.post("/nested")
+        assert response.status_code == 200
+        assert response.json() == ["after", "kept"]
+        assert (await client.get("/items")).json() == ["after", "kept"]
+    assert await target.committed() == []
+
+
+async def test_expire_on_commit_as_in_production(target: Target) -> None:
+    _app, db = app_on(target, session_args={"expire_on_commit": True})
+    async with isolated(), db():
+        row = Row(id=1, name="fresh")
+        db.session.add(row)
+        await db.session.commit()
+        assert inspect(row).expired
+        await db.session.refresh(row)
+        assert row.name == "fresh"
+    assert await target.committed() == []
+
+
+# -- concurrency inside the app ------------------------------------------------------------------
+
+
+async def test_gathered_children_take_turns_and_one_failing_undoes_only_its_work(
+    target: Target,
+) -> None:
+    app, db = app_on(target)
+
+    async def child(name: str) -> int:
+        await db.session.execute(new_item(name))
+        await asyncio.sleep(0.01)  # the others get their chance to run meanwhile
+        if name == "second":
+            raise ValueError("the second child fails")
+        return int((await db.session.execute(COUNT)).scalar_one())
+
+    @app.post("/gather")
+    async def gather() -> list[str]:
+        await db.session.execute(new_item("route"))  # the request's session, suspended below
+        async with db(multi_sessions=True, commit_on_exit=True):
+            results = await db.gather(
+                child("first"), child("second"), child("third"), return_exceptions=True
+            )
+        return [repr(result) for result in results]
+
+    async with client_for(app) as client, isolated():
+        response = await client.post("/gather")
+        assert response.status_code == 200
+        assert response.json() == ["2", "ValueError('the second child fails')", "3"]
+        assert (await client.get("/items")).json() == ["first", "route", "third"]
+    assert await target.committed() == []
+
+
+async def test_gathered_reads_with_a_limit(target: Target) -> None:
+    _app, db = app_on(target)
+
+    async def read() -> int:
+        return int((await db.session.execute(COUNT)).scalar_one())
+
+    async with isolated():
+        async with db(commit_on_exit=True):
+            await db.session.execute(new_item("one"))
+        async with db(multi_sessions=True, max_concurrent=2):
+            assert await db.gather(*(read() for _ in range(5))) == [1] * 5
+    assert await target.committed() == []
+    assert checked_out(target) == 0
+
+
+async def test_a_background_task_write_is_rolled_back(target: Target) -> None:
+    app, db = app_on(target)
+
+    async def later() -> None:
+        async with db(commit_on_exit=True):
+            await db.session.execute(new_item("background"))
+
+    @app.post("/with-background")
+    async def with_background(background: BackgroundTasks) -> dict[str, str]:
+        await db.session.execute(new_item("route"))
+        background.add_task(later)
+        return {"ok": "yes"}
+
+    async with client_for(app) as client, isolated():
+        assert (await client.post("/with-background")).status_code == 200
+        assert (await client.get("/items")).json() == ["background", "route"]
+    assert await target.committed() == []
+
+
+async def test_a_task_left_running_is_reported(target: Target) -> None:
+    _app, db = app_on(target)
+    release = asyncio.Event()
+
+    async def lingering() -> None:
+        async with db(commit_on_exit=True):
+            await db.session.execute(new_item("lingering"))
+            await release.wait()
+
+    with pytest.raises(IsolationError, match="still open when the test ended") as raised:
+        async with isolated():
+            task = asyncio.create_task(lingering())
+            await asyncio.sleep(0.05)
+    assert __file__.rsplit("/", 1)[-1] in str(raised.value)  # where its transaction began
+    release.set()
+    with pytest.raises(InvalidRequestError, match="inactive"):  # its transaction is gone
+        await task
+    assert await target.committed() == []
+    assert checked_out(target) == 0
+
+
+async def test_a_cycle_ends_in_a_clear_error(target: Target) -> None:
+    """A task holding the connection waits for a sibling that waits for the connection."""
+    _app, db = app_on(target)
+    second_wrote = asyncio.Event()
+
+    async def first() -> None:
+        await db.session.execute(new_item("first"))
+        await asyncio.wait_for(second_wrote.wait(), 5)  # holds its transaction meanwhile
+
+    async def second() -> None:
+        await asyncio.sleep(0.01)
+        await db.session.execute(new_item("second"))
+        second_wrote.set()
+
+    async with isolated(turn_timeout=0.3):
+        with pytest.raises(IsolationError, match=r"waited 0\.3s for its turn") as raised:
+            async with db(multi_sessions=True):
+                await asyncio.gather(first(), second())
+        assert "task waiting on work that waits on it" in str(raised.value)
+    assert await target.committed() == []
+    assert checked_out(target) == 0
+
+
+async def test_two_proxies_two_databases(target: Target, tmp_path: Path) -> None:
+    app, db = app_on(target)
+    other = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'other.sqlite3'}")
+    async with other.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    OtherMiddleware, other_db = create_middleware_and_session_proxy()
+    OtherMiddleware(app=app, custom_engine=other)
+
+    @app.post("/both/{name}")
+    async def both(name: str) -> None:
+        await db.session.execute(new_item(name))
+        async with other_db(commit_on_exit=True):
+            await other_db.session.execute(new_item(name))
+
+    async with client_for(app) as client, isolated():
+        assert (await client.post("/both/twice")).status_code == 200
+        assert await names_in(db) == ["twice"]
+        assert await names_in(other_db) == ["twice"]
+    assert await target.committed() == []
+    async with other.connect() as connection:
+        assert (await connection.execute(COUNT)).scalar_one() == 0
+    await other.dispose()
+
+
+async def test_a_proxy_bound_during_the_test_is_covered(target: Target) -> None:
+    async with isolated():
+        app, _db = app_on(target)  # built (and bound) inside
+        async with client_for(app) as client:
+            assert (await client.post("/items/inside")).status_code == 200
+            assert (await client.get("/items")).json() == ["inside"]
+    assert await target.committed() == []
+
+
+# -- breaches --------------------------------------------------------------------------------
+
+
+async def test_a_commit_of_the_test_connection_is_refused(target: Target) -> None:
+    _app, db = app_on(target)
+    with pytest.raises(IsolationError, match="COMMIT of the test transaction itself"):
+        async with isolated(), db():
+            await db.session.execute(new_item("escaping"))
+            connection = await db.session.connection()
+            await connection.commit()
+    assert await target.committed() == []
+    assert checked_out(target) == 0
+
+
+async def test_a_commit_statement_is_refused(target: Target) -> None:
+    _app, db = app_on(target)
+    with pytest.raises(IsolationError, match="COMMIT statement"):
+        async with isolated(), db():
+            await db.session.execute(new_item("escaping"))
+            await db.session.execute(text("COMMIT"))
+    assert await target.committed() == []
+
+
+async def test_a_connection_of_its_own_is_refused_and_reported(target: Target) -> None:
+    _app, db = app_on(target)
+    with pytest.raises(IsolationError, match="checked out of an isolated engine") as raised:
+        async with isolated():
+            with pytest.raises(IsolationError, match="on a connection of its own"):
+                async with db.engine.begin() as connection:
+                    await connection.execute(new_item("escaping"))
+    assert "test_testing_isolation.py" in str(raised.value)
+    assert await target.committed() == []
+    assert checked_out(target) == 0
+
+
+def on(*kinds: str) -> pytest.MarkDecorator:
+    """Only the targets of these databases (a behaviour specific to them)."""
+    chosen: list[Any] = [name for name in TARGETS if name.split("-")[0].split("+")[0] in kinds]
+    if not chosen:
+        chosen = [pytest.param(None, marks=pytest.mark.skip(reason=f"{kinds} not selected"))]
+    return pytest.mark.parametrize("target", chosen, indirect=True)
+
+
+@on("mariadb")
+async def test_ddl_on_mariadb_is_refused(target: Target) -> None:
+    _app, db = app_on(target)
+    with pytest.raises(IsolationError, match="commits the transaction by itself"):
+        async with isolated(), db():
+            await db.session.execute(new_item("escaping"))
+            await db.session.execute(text("CREATE TABLE kit_extra (id INT)"))
+    assert await target.committed() == []
+
+
+@on("sqlite")
+async def test_executescript_on_sqlite_is_reported(target: Target) -> None:
+    _app, db = app_on(target)
+    # The block's rollback then fails (the savepoint went with the commit): that error
+    # propagates, and the report comes with it as a note.
+    with pytest.raises(OperationalError, match="no such savepoint") as raised:
+        async with isolated(), db():
+            await db.session.execute(new_item("escaping"))
+            connection = await db.session.connection()
+            raw = await connection.get_raw_connection()
+            await raw.driver_connection.executescript("SELECT 1;")  # type: ignore[union-attr]
+    assert "The test transaction was committed" in " ".join(raised.value.__notes__)
+    assert await target.committed() == ["escaping"]  # it did escape: that is the report
+    async with target.engine.begin() as connection:
+        await connection.execute(items.delete())
+
+
+async def test_sessions_used_after_the_block_are_refused(target: Target) -> None:
+    _app, db = app_on(target)
+    async with isolated():
+        block = db()
+        await block.__aenter__()
+        session = db.session
+    with pytest.raises(IsolationError, match="used after the block ended"):
+        await session.execute(COUNT)
+    await block.__aexit__(None, None, None)
+    assert checked_out(target) == 0
+
+
+async def test_blocks_do_not_nest() -> None:
+    async with isolated():
+        with pytest.raises(IsolationError, match="do not nest"):
+            async with isolated():
+                pass
+
+
+# -- many tests in a row ----------------------------------------------------------------------
+
+
+async def test_two_hundred_isolated_tests_leave_nothing_behind(target: Target) -> None:
+    app, _db = app_on(target)
+    async with client_for(app) as client:
+        for number in range(200):
+            async with isolated():
+                assert (await client.post(f"/items/n{number}")).status_code == 200
+                assert (await client.get("/items")).json() == [f"n{number}"]
+            assert checked_out(target) == 0
+    assert await target.committed() == []
+    if target.dialect == "postgresql":
+        async with target.engine.connect() as connection:
+            sessions = await connection.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+            )
+            assert sessions.scalar_one() <= 2  # this one, and at most one idle in the pool
+
+
+# -- on-commit callbacks, the pytest plugin, TestClient -----------------------------------------
+
+
+async def test_capture_on_commit_callbacks(target: Target) -> None:
+    _app, db = app_on(target)
+    ran: list[str] = []
+
+    async def notify(name: str) -> None:
+        ran.append(name)
+        db.on_commit(lambda: ran.append(f"{name} again"))  # registered by a callback
+
+    async with isolated():
+        async with capture_on_commit_callbacks() as callbacks:
+            async with db(commit_on_exit=True):
+                db.on_commit(lambda: notify("committed"))
+                await db.session.execute(new_item("one"))
+            async with db():  # rolled back: its callback never appears
+                db.on_commit(lambda: notify("rolled back"))
+                await db.session.execute(new_item("two"))
+        assert len(callbacks) == 1
+        assert ran == []
+        async with capture_on_commit_callbacks(execute=True) as callbacks:
+            async with db(commit_on_exit=True):
+                db.on_commit(lambda: notify("executed"))
+                await db.session.execute(new_item("three"))
+            assert ran == []  # not before the block ends
+        assert ran == ["executed", "executed again"]
+        with pytest.raises(ZeroDivisionError):
+            async with capture_on_commit_callbacks(execute=True), db(commit_on_exit=True):
+                db.on_commit(lambda: 1 / 0)
+        async with db(commit_on_exit=True):  # outside the block callbacks run again
+            db.on_commit(lambda: ran.append("after"))
+        assert ran[-1] == "after"
+    assert await target.committed() == []
+
+
+def test_starlette_testclient_gets_a_clear_error(tmp_path: Path) -> None:
+    """The app runs in TestClient's own event loop: refused, pointing to httpx.AsyncClient."""
+    from starlette.testclient import TestClient
+
+    Middleware, db = create_middleware_and_session_proxy()
+    app = FastAPI()
+    app.add_middleware(Middleware, db_url=f"sqlite+aiosqlite:///{tmp_path / 'client.sqlite3'}")
+
+    @app.get("/")
+    async def index() -> int:
+        return int((await db.session.execute(text("SELECT 1"))).scalar_one())
+
+    async def scenario() -> None:
+        async with isolated():
+            with TestClient(app) as client, pytest.raises(IsolationError) as raised:
+                client.get("/")
+            assert "httpx.AsyncClient(transport=httpx.ASGITransport(app=app))" in str(raised.value)
+
+    asyncio.run(scenario())
+
+
+PLUGIN_TESTS = """
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from fastapi_async_sqlalchemy import create_middleware_and_session_proxy
+
+pytestmark = pytest.mark.anyio
+Middleware, db = create_middleware_and_session_proxy()
+app = FastAPI()
+app.add_middleware(Middleware, db_url=URL, commit_on_exit=True)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@app.post("/notes")
+async def add() -> None:
+    await db.session.execute(text("INSERT INTO notes VALUES ('written')"))
+
+
+@app.get("/notes")
+async def notes() -> list[str]:
+    return list(await db.session.scalars(text("SELECT body FROM notes")))
+
+
+@pytest.fixture
+async def client():
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+async def test_writes(db_isolation, client, assert_num_queries):
+    with assert_num_queries(1):
+        assert (await client.post("/notes")).status_code == 200
+    assert (await client.get("/notes")).json() == ["written"]
+
+
+async def test_sees_nothing_of_the_first(db_isolation, client):
+    assert (await client.get("/notes")).json() == []
+"""
+
+
+def test_the_pytest_plugin_isolates_each_test(tmp_path: Path) -> None:
+    """A test suite of a user's: two tests with `db_isolation`, in one pytest run."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    database = tmp_path / "app.sqlite3"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE notes (body TEXT)")
+    url = f"sqlite+aiosqlite:///{database}"
+    (tmp_path / "test_user_app.py").write_text(f"URL = {url!r}\n" + PLUGIN_TESTS)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "error",
+            "-W",
+            "ignore::DeprecationWarning",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("SELECT count(*) FROM notes").fetchone() == (0,)
