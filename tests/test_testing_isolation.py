@@ -91,7 +91,7 @@ def app_on(target: Target, **options: Any) -> tuple[FastAPI, DBSessionMeta]:
     Middleware, db = create_middleware_and_session_proxy()
     app = FastAPI()
     app.add_middleware(Middleware, custom_engine=target.engine, commit_on_exit=True, **options)
-    app.build_middleware_stack()  # FastAPI builds it on the first call; bind the proxy now
+    app.middleware_stack = app.build_middleware_stack()  # bind the proxy now, once
 
     @app.post("/items/{name}")
     async def add(name: str) -> dict[str, str]:

@@ -5,6 +5,7 @@ from . import middleware as middleware
 from ._factory import SQLAlchemyMiddleware, create_middleware_and_session_proxy, db
 from ._proxy import DBSessionMeta
 from ._retry import is_retryable
+from ._stats import DatabaseStats
 from .exceptions import (
     CommitCallbackError,
     ConcurrencyError,
@@ -12,6 +13,7 @@ from .exceptions import (
     FastAPIAsyncSQLAlchemyError,
     InvalidConfigurationError,
     MissingSessionError,
+    NPlusOneError,
     PoolTimeoutError,
     ProxyBindingError,
     SessionFinalizedError,
@@ -30,9 +32,11 @@ __all__ = [
     "CoroutineRequiredError",
     "DBSessionMeta",
     "DBSessionType",
+    "DatabaseStats",
     "FastAPIAsyncSQLAlchemyError",
     "InvalidConfigurationError",
     "MissingSessionError",
+    "NPlusOneError",
     "PoolTimeoutError",
     "ProxyBindingError",
     "SQLAlchemyMiddleware",

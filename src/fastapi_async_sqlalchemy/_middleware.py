@@ -28,6 +28,7 @@ from ._pool import SaturationWarning
 from ._proxy import Binding, DBSessionMeta, restore
 from ._request import WEBSOCKET_SCOPE_ENDED, RequestScope
 from ._scope import Scope, finalize, finalize_after, logger, watch_savepoint_roots
+from ._stats import Observer, observed
 from ._types import ASGIApp, ASGIScope, Message, Receive, Send
 from .exceptions import InvalidConfigurationError, ProxyBindingError
 
@@ -59,6 +60,11 @@ class BaseSQLAlchemyMiddleware:
         max_concurrent_requests: int | None = None,
         request_queue_timeout: float = 0.1,
         statement_timeout: float | None = None,
+        stats: bool = False,
+        server_timing: bool = False,
+        slow_request_threshold: float | None = None,
+        n_plus_one_threshold: int | None = None,
+        n_plus_one: str = "warn",
     ) -> None:
         # Every check comes before anything is allocated: a refused construction leaves no
         # engine, no pool, and the proxy as it was.
@@ -74,6 +80,16 @@ class BaseSQLAlchemyMiddleware:
         )
         self.request_queue_timeout = check_seconds("request_queue_timeout", request_queue_timeout)
         self.statement_timeout = check_optional_seconds("statement_timeout", statement_timeout)
+        self.server_timing = bool(server_timing)
+        self.slow_request_threshold = check_optional_seconds(
+            "slow_request_threshold", slow_request_threshold
+        )
+        self.n_plus_one_threshold = check_positive_int("n_plus_one_threshold", n_plus_one_threshold)
+        if n_plus_one not in ("warn", "raise"):
+            raise InvalidConfigurationError(
+                f'n_plus_one must be "warn" (log a WARNING) or "raise" (fail the request, for '
+                f"tests), not {n_plus_one!r}."
+            )
         self.commit_on_exit = bool(commit_on_exit)
         self.proxy._check_bindable(custom_engine)
 
@@ -89,8 +105,18 @@ class BaseSQLAlchemyMiddleware:
         if self.statement_timeout is not None:
             install_deadlines(self.engine)
             session_options = with_deadline(session_options, self.statement_timeout)
+        self._observer: Observer | None = None
+        if stats or self.server_timing or self.slow_request_threshold or self.n_plus_one_threshold:
+            self._observer = Observer(
+                self.proxy._stats,
+                server_timing=self.server_timing,
+                slow_request_threshold=self.slow_request_threshold,
+                n_plus_one_threshold=self.n_plus_one_threshold,
+                n_plus_one=n_plus_one,
+            )
+            session_options = observed(session_options, self._observer)
         self._binding = Binding(
-            self.engine, make_session_factory(self.engine, session_options), self
+            self.engine, make_session_factory(self.engine, session_options), self, self._observer
         )
         self._admission = (
             Admission(self.max_concurrent_requests, self.request_queue_timeout)
@@ -110,6 +136,8 @@ class BaseSQLAlchemyMiddleware:
         """Bind the proxy (again, after a lifespan ended) and watch the pool if asked to."""
         self.proxy._bind(self._binding)
         self._disposed = False
+        if self._observer is not None:
+            self._observer.attach(self.engine)
         if self._saturation is not None:
             self._saturation.attach()
 
@@ -126,6 +154,8 @@ class BaseSQLAlchemyMiddleware:
         if kind == "http":
             if self.exclude_paths and scope.get("path") in self.exclude_paths:
                 await self.app(scope, receive, send)
+            elif self._observer is not None:
+                await self._observer.http(self._any_http, scope, receive, send)
             elif self._admission is None:
                 await self._http(scope, receive, send)
             else:
@@ -150,6 +180,12 @@ class BaseSQLAlchemyMiddleware:
             await request.app_returned()
         finally:
             restore(var, token, request)
+
+    async def _any_http(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
+        if self._admission is None:
+            await self._http(scope, receive, send)
+        else:
+            await self._admitted_http(self._admission, scope, receive, send)
 
     async def _admitted_http(
         self, admission: Admission, scope: ASGIScope, receive: Receive, send: Send
@@ -214,6 +250,8 @@ class BaseSQLAlchemyMiddleware:
         """
         if self._saturation is not None:
             self._saturation.detach()
+        if self._observer is not None:
+            self._observer.detach()
         if not self.engine_owned:
             return  # the proxy stays bound to the caller's engine, as in 0.8
         self.proxy._unbind(self)

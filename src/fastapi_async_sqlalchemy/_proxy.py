@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
@@ -37,7 +38,9 @@ from ._multi import (
 from ._pool import pool_status
 from ._retry import run_in_transaction
 from ._scope import Scope, SessionFactory, finalize, finalize_after
+from ._stats import DatabaseStats, Observer
 from .exceptions import (
+    InvalidConfigurationError,
     MissingSessionError,
     ProxyBindingError,
     SessionNotInitialisedError,
@@ -59,11 +62,13 @@ EXPLICIT_SCOPE_ENDED = (
 
 
 class Binding(NamedTuple):
-    """What a middleware hands its proxy: the engine, its session factory and the owner."""
+    """What a middleware hands its proxy: the engine, its session factory and the owner, and
+    the owner's observability (``None``: none asked for)."""
 
     engine: AsyncEngine
     factory: async_sessionmaker[AsyncSession]
     owner: object
+    observer: Observer | None = None
 
 
 class DBSessionMeta:
@@ -81,6 +86,10 @@ class DBSessionMeta:
             f"fastapi_async_sqlalchemy.scope#{number}", default=None
         )
         self._binding: Binding | None = None
+        # The figures of the current request or block, when its middleware observes (_stats).
+        self._stats: ContextVar[DatabaseStats | None] = ContextVar(
+            f"fastapi_async_sqlalchemy.stats#{number}", default=None
+        )
         self._name = "db" if number == 1 else f"db#{number}"
         proxies.add(self)
 
@@ -110,6 +119,28 @@ class DBSessionMeta:
         if self._binding is None:
             return SessionNotInitialisedError()
         return MissingSessionError()
+
+    @property
+    def stats(self) -> DatabaseStats:
+        """What the current request (children, ``db.gather()`` and background tasks included)
+        or ``async with db():`` block did in the database so far: ``statements``,
+        ``statement_time``, ``pool_wait``, ``commits``, ``commit_time`` (seconds).
+
+        Collected when the middleware has ``stats=True`` (or ``server_timing``,
+        ``slow_request_threshold`` or ``n_plus_one_threshold``); otherwise, and outside any
+        scope, reading it raises an error that says so.
+        """
+        stats = self._stats.get()
+        if stats is not None:
+            return stats
+        binding = self._binding
+        if binding is not None and binding.observer is None:
+            raise InvalidConfigurationError(
+                f"{self._name}.stats needs statistics collected: pass stats=True (or "
+                "server_timing=True, slow_request_threshold or n_plus_one_threshold) to the "
+                "middleware."
+            )
+        raise self._no_scope_error()
 
     @property
     def engine(self) -> AsyncEngine:
@@ -317,7 +348,9 @@ class ExplicitScope:
         self._multi = multi
         self._max_concurrent = max_concurrent
         self._pool_timeout = pool_timeout
-        self._entered: list[tuple[Scope, Token[Scope | None]]] = []
+        self._entered: list[
+            tuple[Scope, Token[Scope | None], Token[DatabaseStats | None] | None]
+        ] = []
 
     async def __aenter__(self) -> DBSessionMeta:
         proxy = self._proxy
@@ -340,7 +373,10 @@ class ExplicitScope:
                 scope.session = await open_within(
                     factory, proxy._require_binding().engine, self._pool_timeout
                 )
-        self._entered.append((scope, proxy._var.set(scope)))
+        counted = None
+        if proxy._require_binding().observer is not None and proxy._stats.get() is None:
+            counted = proxy._stats.set(DatabaseStats())  # a block of its own, outside a request
+        self._entered.append((scope, proxy._var.set(scope), counted))
         return proxy
 
     async def __aexit__(
@@ -349,7 +385,7 @@ class ExplicitScope:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        scope, token = self._entered.pop()
+        scope, token, counted = self._entered.pop()
         try:
             if isinstance(scope, MultiScope):
                 await scope.finish(exc, MULTI_SCOPE_ENDED)
@@ -364,6 +400,9 @@ class ExplicitScope:
                         await finalize_after(session, exc)  # the first error wins
         finally:
             restore(self._proxy._var, token, scope)
+            if counted is not None:
+                with contextlib.suppress(ValueError):  # exited in another context
+                    self._proxy._stats.reset(counted)
 
 
 def restore(var: ContextVar[Scope | None], token: Token[Scope | None], scope: Scope) -> None:

@@ -13,7 +13,8 @@ Every error the library raises itself derives from one base class::
     ├── PoolTimeoutError               (also TimeoutError) no connection within the deadline
     ├── StatementTimeoutError          (also TimeoutError) a statement ran past statement_timeout
     ├── CommitCallbackError            an on_commit callback failed after its data was committed
-    └── TransactionStateError          (also RuntimeError) run_in_transaction() inside a transaction
+    ├── TransactionStateError          (also RuntimeError) run_in_transaction() inside a transaction
+    └── NPlusOneError                  one statement ran too often in a request (n_plus_one="raise")
 
 Each message is one sentence that says what to do about it. Errors of SQLAlchemy and of the
 database driver (``IntegrityError``, ``OperationalError``, ...) are never wrapped: they reach the
@@ -31,6 +32,7 @@ __all__ = [
     "FastAPIAsyncSQLAlchemyError",
     "InvalidConfigurationError",
     "MissingSessionError",
+    "NPlusOneError",
     "PoolTimeoutError",
     "ProxyBindingError",
     "SessionFinalizedError",
@@ -175,3 +177,9 @@ class StatementTimeoutError(FastAPIAsyncSQLAlchemyError, TimeoutError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.timeout,))
+
+
+class NPlusOneError(FastAPIAsyncSQLAlchemyError):
+    """Raised, with ``n_plus_one="raise"``, by the statement that runs one statement shape more
+    than ``n_plus_one_threshold`` times in one request: the message names the route, the line
+    that sent it and the statement."""

@@ -35,8 +35,8 @@ from sqlalchemy.util.concurrency import greenlet_spawn, in_greenlet
 from .. import _proxy
 from .._config import check_seconds
 from .._greenlet import await_
+from .._where import caller as _caller
 from ..exceptions import FastAPIAsyncSQLAlchemyError
-from ._queries import _caller
 
 __all__ = ["IsolationError", "isolated"]
 

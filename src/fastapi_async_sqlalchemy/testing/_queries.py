@@ -11,36 +11,23 @@ neither is the ``BEGIN`` that ``isolated()`` sends on SQLite.
 
 from __future__ import annotations
 
-import os
 import re
-import sys
-import sysconfig
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any
 
-import greenlet
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from .. import _proxy
+from .._where import caller
 
 __all__ = ["Queries", "Query", "assert_max_queries", "assert_num_queries", "capture_queries"]
 
 # Savepoints, and the BEGIN with which isolated() opens its transaction on SQLite.
 _BOOKKEEPING = re.compile(
     r"\s*(SAVEPOINT|RELEASE\s+SAVEPOINT|ROLLBACK\s+TO\s+SAVEPOINT)\b|\s*BEGIN\s*$", re.I
-)
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-_NOT_USER_CODE = tuple(
-    {
-        _PACKAGE,
-        sysconfig.get_paths()["stdlib"] + os.sep,
-        sysconfig.get_paths()["purelib"] + os.sep,
-        sysconfig.get_paths()["platlib"] + os.sep,
-    }
 )
 
 
@@ -81,7 +68,7 @@ def capture_queries() -> Iterator[Queries]:
         connection: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
     ) -> None:
         if not _BOOKKEEPING.match(statement):
-            recorded.queries.append(Query(statement, _caller()))
+            recorded.queries.append(Query(statement, caller()))
 
     watched: list[Engine] = []
 
@@ -126,19 +113,3 @@ def assert_max_queries(limit: int) -> Iterator[Queries]:
         raise AssertionError(
             f"Expected at most {limit} queries, {len(queries)} were sent:\n{queries.report()}"
         )
-
-
-def _caller() -> str:
-    """The first frame of user code above this statement, across the greenlet boundary."""
-    frame: FrameType | None = sys._getframe(2)
-    current: greenlet.greenlet | None = greenlet.getcurrent()
-    while current is not None:
-        while frame is not None:
-            filename = frame.f_code.co_filename
-            # "<...>": frozen modules, and the wrappers SQLAlchemy generates at run time.
-            if not filename.startswith(_NOT_USER_CODE) and not filename.startswith("<"):
-                return f"{os.path.relpath(filename)}:{frame.f_lineno}"
-            frame = frame.f_back
-        current = current.parent
-        frame = current.gr_frame if current is not None else None
-    return "unknown"

@@ -1,0 +1,329 @@
+"""Observability: what a request did in the database (``db.stats``), the ``Server-Timing``
+header, and the N+1 and slow-request warnings.
+
+Nothing here exists for a middleware that asks for none of it. One that does gets an
+:class:`Observer`, which installs, on its engine only:
+
+- a dialect-level ``do_execute`` listener (and its ``executemany``/no-parameters siblings) that
+  times each statement around the dialect's own method: about 1 µs, where a
+  ``before/after_cursor_execute`` pair costs several even when empty. Statements SQLAlchemy runs
+  to set up the engine's first connection (the server's version, ...) are not counted: they run
+  on a connection of SQLAlchemy's own that may not autobegin;
+- a pool ``checkout`` listener that ends the pool wait its sessions' ``get_bind()`` started;
+
+and gives the middleware's session factory a ``Session`` subclass whose ``get_bind()`` marks
+when a connection is asked for and whose ``commit()`` is timed. The figures go to the
+:class:`DatabaseStats` current in the proxy's context variable: the middleware sets one per
+request, ``async with db():`` one per block outside a request. Tasks started inside (multi-session
+children, ``db.gather()``) inherit it, so they count in their request.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Session
+
+from ._config import default_session_class
+from ._types import ASGIScope, Message, Receive, Send
+from ._where import caller
+from .exceptions import NPlusOneError
+
+logger = logging.getLogger("fastapi_async_sqlalchemy")
+
+perf_counter = time.perf_counter
+
+
+class DatabaseStats:
+    """What one scope (a request, with its children and background tasks, or an
+    ``async with db():`` block) did in the database so far; times in seconds."""
+
+    __slots__ = (
+        "asgi_scope",
+        "commit_time",
+        "commits",
+        "pool_wait",
+        "shapes",
+        "slowest",
+        "slowest_location",
+        "slowest_statement",
+        "statement_time",
+        "statements",
+    )
+
+    def __init__(self, asgi_scope: ASGIScope | None = None) -> None:
+        self.statements = 0
+        self.statement_time = 0.0
+        self.pool_wait = 0.0
+        self.commits = 0
+        self.commit_time = 0.0
+        self.asgi_scope = asgi_scope
+        self.shapes: dict[str, int] = {}  # statement shape -> times run (N+1 detection only)
+        self.slowest = 0.0  # the slowest statement so far (slow-request warnings only)
+        self.slowest_statement = ""
+        self.slowest_location = ""
+
+    def __repr__(self) -> str:
+        return (
+            f"<DatabaseStats statements={self.statements} "
+            f"statement_time={self.statement_time * 1000:.2f}ms "
+            f"pool_wait={self.pool_wait * 1000:.2f}ms commits={self.commits} "
+            f"commit_time={self.commit_time * 1000:.2f}ms>"
+        )
+
+    def route(self) -> str:
+        """``METHOD /route/{template}`` of the request, or its path; ``"outside a request"``."""
+        scope = self.asgi_scope
+        if scope is None:
+            return "outside a request"
+        route = getattr(scope.get("route"), "path", None) or scope.get("path", "?")
+        return f"{scope.get('method', '')} {route}".strip()
+
+
+# Placeholders and IN lists vary with the parameters of one statement: collapse them.
+_PLACEHOLDER = r"(?:[?]|%s|\$\d+|:\w+|%\(\w+\)s)"
+_IN_LIST = re.compile(rf"\bIN\s*\(\s*{_PLACEHOLDER}(?:\s*,\s*{_PLACEHOLDER})*\s*\)", re.I)
+_NUMBERED = re.compile(r"\$\d+")
+_SPACE = re.compile(r"\s+")
+_shapes: dict[str, str] = {}
+
+
+def shape(statement: str) -> str:
+    """The statement with IN lists collapsed and whitespace normalized (cached)."""
+    found = _shapes.get(statement)
+    if found is None:
+        found = _NUMBERED.sub("$n", _IN_LIST.sub("IN (...)", _SPACE.sub(" ", statement).strip()))
+        if len(_shapes) < 2048:
+            _shapes[statement] = found
+    return found
+
+
+class Observer:
+    """One middleware's observability: its options, its listeners, and its request wrapper."""
+
+    def __init__(
+        self,
+        var: ContextVar[DatabaseStats | None],
+        *,
+        server_timing: bool,
+        slow_request_threshold: float | None,
+        n_plus_one_threshold: int | None,
+        n_plus_one: str,
+    ) -> None:
+        self.var = var
+        self.server_timing = server_timing
+        self.slow_request_threshold = slow_request_threshold
+        self.n_plus_one_threshold = n_plus_one_threshold
+        self.raise_n_plus_one = n_plus_one == "raise"
+        # pending: when the current task's session asked for a connection (pool wait start)
+        self.asked: ContextVar[float | None] = ContextVar(
+            "fastapi_async_sqlalchemy.connection_asked", default=None
+        )
+        self.engine: AsyncEngine | None = None
+        self._classes: dict[type[Session], type[Session]] = {}
+
+    # -- the engine's listeners ---------------------------------------------------------------
+
+    def attach(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        sync_engine = engine.sync_engine
+        if event.contains(sync_engine, "do_execute", self._do_execute):
+            return
+        event.listen(sync_engine, "do_execute", self._do_execute)
+        event.listen(sync_engine, "do_executemany", self._do_executemany)
+        event.listen(sync_engine, "do_execute_no_params", self._do_execute_no_params)
+        event.listen(sync_engine, "checkout", self._checkout)
+
+    def detach(self) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        sync_engine = engine.sync_engine
+        if event.contains(sync_engine, "do_execute", self._do_execute):
+            event.remove(sync_engine, "do_execute", self._do_execute)
+            event.remove(sync_engine, "do_executemany", self._do_executemany)
+            event.remove(sync_engine, "do_execute_no_params", self._do_execute_no_params)
+            event.remove(sync_engine, "checkout", self._checkout)
+
+    def _do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        stats = self.var.get()
+        if stats is None or not context.root_connection._allow_autobegin:
+            return False  # not in a scope; or the dialect's set-up of a new connection
+        self._before(stats, statement)
+        start = perf_counter()
+        try:
+            context.dialect.do_execute(cursor, statement, parameters, context)
+        finally:
+            self._after(stats, statement, perf_counter() - start)
+        return True
+
+    def _do_executemany(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        stats = self.var.get()
+        if stats is None or not context.root_connection._allow_autobegin:
+            return False  # not in a scope; or the dialect's set-up of a new connection
+        self._before(stats, statement)
+        start = perf_counter()
+        try:
+            context.dialect.do_executemany(cursor, statement, parameters, context)
+        finally:
+            self._after(stats, statement, perf_counter() - start)
+        return True
+
+    def _do_execute_no_params(self, cursor: Any, statement: str, context: Any) -> bool:
+        stats = self.var.get()
+        if stats is None or not context.root_connection._allow_autobegin:
+            return False  # not in a scope; or the dialect's set-up of a new connection
+        self._before(stats, statement)
+        start = perf_counter()
+        try:
+            context.dialect.do_execute_no_params(cursor, statement, context)
+        finally:
+            self._after(stats, statement, perf_counter() - start)
+        return True
+
+    def _before(self, stats: DatabaseStats, statement: str) -> None:
+        threshold = self.n_plus_one_threshold
+        if threshold is None:
+            return
+        key = shape(statement)
+        count = stats.shapes[key] = stats.shapes.get(key, 0) + 1
+        if count == threshold + 1:
+            self._n_plus_one(stats, key, count)
+
+    def _after(self, stats: DatabaseStats, statement: str, elapsed: float) -> None:
+        self.asked.set(None)  # a checkout from now on was not asked for by a session
+        stats.statements += 1
+        stats.statement_time += elapsed
+        threshold = self.slow_request_threshold
+        if threshold is not None and elapsed > stats.slowest:
+            stats.slowest = elapsed
+            stats.slowest_statement = statement
+            # Finding the line costs a walk up the stack: only for a statement that matters.
+            stats.slowest_location = caller() if elapsed >= threshold / 20 else "(not located)"
+
+    def _n_plus_one(self, stats: DatabaseStats, statement: str, count: int) -> None:
+        message = (
+            f"N+1 queries in {stats.route()}: one statement ran more than "
+            f"{self.n_plus_one_threshold} times (n_plus_one_threshold), last from {caller()}: "
+            f"{_clip(statement)}. Load the rows in one query (selectinload(), joinedload(), "
+            "or an IN list) instead of one per item."
+        )
+        if self.raise_n_plus_one:
+            raise NPlusOneError(message)
+        logger.warning(message, extra={"route": stats.route(), "statement": statement})
+
+    def _checkout(self, *_: Any) -> None:
+        asked = self.asked.get()
+        if asked is not None:
+            stats = self.var.get()
+            if stats is not None:
+                stats.pool_wait += perf_counter() - asked
+            self.asked.set(None)
+
+    # -- the sessions -------------------------------------------------------------------------
+
+    def session_class(self, base: type[Session]) -> type[Session]:
+        """``base`` with a timed ``commit()`` and a ``get_bind()`` that starts the pool wait."""
+        observed = self._classes.get(base)
+        if observed is None:
+            var, asked = self.var, self.asked
+
+            def get_bind(self: Session, *args: Any, **kw: Any) -> Any:
+                if var.get() is not None:
+                    asked.set(perf_counter())
+                return base.get_bind(self, *args, **kw)
+
+            def commit(self: Session) -> None:
+                stats = var.get()
+                if stats is None:
+                    base.commit(self)
+                    return
+                start = perf_counter()
+                try:
+                    base.commit(self)
+                finally:
+                    stats.commits += 1
+                    stats.commit_time += perf_counter() - start
+
+            observed = self._classes[base] = type(
+                base.__name__,
+                (base,),
+                {"get_bind": get_bind, "commit": commit, "__module__": base.__module__},
+            )
+        return observed
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def http(
+        self,
+        serve: Callable[[ASGIScope, Receive, Send], Awaitable[None]],
+        scope: ASGIScope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        stats = DatabaseStats(scope)
+        token = self.var.set(stats)
+        if self.server_timing:
+
+            async def send_timed(message: Message) -> None:
+                if message["type"] == "http.response.start" and stats.statements:
+                    message = _with_server_timing(message, stats)
+                await send(message)
+
+            timed: Send = send_timed
+        else:
+            timed = send
+        try:
+            await serve(scope, receive, timed)
+        finally:
+            self.var.reset(token)
+            threshold = self.slow_request_threshold
+            if threshold is not None and stats.statement_time > threshold:
+                logger.warning(
+                    "Slow database work in %s: %.3f s in %d statements "
+                    "(slow_request_threshold=%s), pool wait %.3f s, commit %.3f s; the slowest "
+                    "took %.3f s, from %s: %s",
+                    stats.route(),
+                    stats.statement_time,
+                    stats.statements,
+                    threshold,
+                    stats.pool_wait,
+                    stats.commit_time,
+                    stats.slowest,
+                    stats.slowest_location,
+                    _clip(shape(stats.slowest_statement)),
+                    extra={"route": stats.route(), "statement": stats.slowest_statement},
+                )
+
+
+def observed(session_args: dict[str, Any], observer: Observer) -> dict[str, Any]:
+    """``session_args`` with the observer's session class over the one they would use."""
+    class_ = session_args.get("class_") or default_session_class()
+    base = session_args.get("sync_session_class") or class_.sync_session_class
+    return {**session_args, "sync_session_class": observer.session_class(base)}
+
+
+def _with_server_timing(message: Message, stats: DatabaseStats) -> Message:
+    entries = [
+        f'db;dur={stats.statement_time * 1000:.2f};desc="{stats.statements} '
+        f'quer{"y" if stats.statements == 1 else "ies"}"'
+    ]
+    if stats.pool_wait:
+        entries.append(f"db-pool;dur={stats.pool_wait * 1000:.2f}")
+    if stats.commits:
+        entries.append(f"db-commit;dur={stats.commit_time * 1000:.2f}")
+    headers = list(message.get("headers", ()))
+    headers.append((b"server-timing", ", ".join(entries).encode("latin-1")))
+    return {**message, "headers": headers}
+
+
+def _clip(statement: str, limit: int = 300) -> str:
+    statement = " ".join(statement.split())
+    return statement if len(statement) <= limit else statement[: limit - 1] + "…"
