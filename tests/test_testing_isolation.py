@@ -19,7 +19,7 @@ import httpx
 import pytest
 from conftest import SERVER_URLS, Row, _server_reachable, items, metadata, new_item
 from fastapi import BackgroundTasks, FastAPI, HTTPException
-from sqlalchemy import func, inspect, select, text
+from sqlalchemy import event, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError, InvalidRequestError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
@@ -430,7 +430,7 @@ async def test_executescript_on_sqlite_is_reported(target: Target) -> None:
             connection = await db.session.connection()
             raw = await connection.get_raw_connection()
             await raw.driver_connection.executescript("SELECT 1;")  # type: ignore[union-attr]
-    assert "The test transaction was committed" in " ".join(raised.value.__notes__)
+    assert "The test transaction was ended early" in " ".join(raised.value.__notes__)
     assert await target.committed() == ["escaping"]  # it did escape: that is the report
     async with target.engine.begin() as connection:
         await connection.execute(items.delete())
@@ -453,6 +453,177 @@ async def test_blocks_do_not_nest() -> None:
         with pytest.raises(IsolationError, match="do not nest"):
             async with isolated():
                 pass
+
+
+# -- what the review of the turns found ---------------------------------------------------------
+
+
+async def test_a_task_started_before_its_parents_first_statement(target: Target) -> None:
+    """The child stacks on its parent's transaction: the loop's task factory saw who started it."""
+    _app, db = app_on(target)
+
+    async def log(name: str) -> None:
+        async with db(commit_on_exit=True):
+            await db.session.execute(new_item(f"log-{name}"))
+
+    async def branch(name: str) -> None:
+        task = asyncio.create_task(log(name))  # before this task's first statement
+        await db.session.execute(new_item(name))
+        await task  # the parent holds its transaction meanwhile
+
+    async with isolated(turn_timeout=3):
+        async with db(multi_sessions=True, commit_on_exit=True):
+            await db.gather(branch("a"), branch("b"))
+        assert await names_in(db) == ["a", "b", "log-a", "log-b"]
+    assert await target.committed() == []
+
+
+async def test_task_groups_in_concurrent_requests(target: Target) -> None:
+    app, db = app_on(target)
+
+    async def audit(name: str) -> None:
+        async with db(commit_on_exit=True):
+            await db.session.execute(new_item(f"audit-{name}"))
+
+    @app.post("/grouped/{name}")
+    async def grouped(name: str) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(audit(name))
+            await db.session.execute(new_item(name))
+
+    async with client_for(app) as client, isolated(turn_timeout=3):
+        responses = await asyncio.gather(client.post("/grouped/p1"), client.post("/grouped/p2"))
+        assert [response.status_code for response in responses] == [200, 200]
+        assert await names_in(db) == ["audit-p1", "audit-p2", "p1", "p2"]
+    assert await target.committed() == []
+
+
+async def test_one_tasks_sessions_ending_out_of_order_are_refused_at_once(
+    target: Target,
+) -> None:
+    _app, db = app_on(target)
+    with pytest.raises(IsolationError, match="must end in the reverse order") as raised:
+        async with isolated(turn_timeout=5), db(commit_on_exit=True):
+            outer = db.session
+            async with db(commit_on_exit=True):
+                await db.session.execute(new_item("audit"))
+                await outer.execute(new_item("order"))  # the outer transaction begins now
+    assert "waited" not in str(raised.value)  # refused at once, no wait for a turn
+    assert await target.committed() == []
+    assert checked_out(target) == 0
+
+
+async def test_a_rollback_statement_is_refused(target: Target) -> None:
+    _app, db = app_on(target)
+    with pytest.raises(IsolationError, match="ROLLBACK statement"):
+        async with isolated(), db():
+            await db.session.execute(new_item("before"))
+            await db.session.execute(text("ROLLBACK"))
+    assert await target.committed() == []
+
+
+async def test_a_task_writing_after_the_block_is_refused(target: Target) -> None:
+    _app, db = app_on(target)
+    release = asyncio.Event()
+    failures: list[BaseException] = []
+
+    async def receipt() -> None:
+        await release.wait()
+        try:
+            async with db(commit_on_exit=True):
+                await db.session.execute(new_item("receipt"))
+        except IsolationError as error:
+            failures.append(error)
+
+    async with isolated():
+        task = asyncio.create_task(receipt())  # fire and forget
+    release.set()
+    await task
+    assert len(failures) == 1
+    assert "used the database after the block ended" in str(failures[0])
+    assert await target.committed() == []
+    assert checked_out(target) == 0
+    async with db(commit_on_exit=True):  # the test's own task is not refused
+        await db.session.execute(new_item("after"))
+    assert await target.committed() == ["after"]
+
+
+@on("postgresql", "mariadb")
+async def test_a_statement_cancelled_midway_ends_the_test_clearly(target: Target) -> None:
+    _app, db = app_on(target)
+    pause = "SELECT pg_sleep(1)" if target.dialect == "postgresql" else "SELECT SLEEP(1)"
+    with pytest.raises(IsolationError, match="invalidated the test connection"):
+        async with isolated():
+            async with db(commit_on_exit=True):
+                await db.session.execute(new_item("seed"))
+            with pytest.raises(TimeoutError):
+                async with db():
+                    await asyncio.wait_for(db.session.execute(text(pause)), 0.2)
+            async with db():  # the test transaction is gone: said so, at once
+                await db.session.execute(COUNT)
+    assert await target.committed() == []
+    assert checked_out(target) == 0
+
+
+@on("postgresql")
+async def test_a_failed_savepoint_leaves_no_turn_behind(target: Target) -> None:
+    """After an error PostgreSQL refuses new savepoints until a rollback: the refused one
+    takes no place on the stack, and the request's own rollback is not kept waiting."""
+    app, db = app_on(target)
+
+    @app.post("/taken/{name}")
+    async def taken(name: str) -> None:
+        try:
+            await db.session.execute(new_item(name))
+            await db.session.execute(new_item(name))  # a duplicate name
+        except IntegrityError:
+            try:
+                async with db(commit_on_exit=True):  # refused: the transaction is aborted
+                    await db.session.execute(new_item("audit"))
+            except Exception:
+                pass
+            raise HTTPException(409, "taken") from None
+
+    async with client_for(app) as client, isolated(turn_timeout=3):
+        assert (await client.post("/taken/x")).status_code == 409
+        assert await names_in(db) == []
+    assert await target.committed() == []
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t == "sqlite-file"], indirect=True)
+async def test_apps_with_sqlites_savepoint_recipe(target: Target) -> None:
+    """An app that applies SQLAlchemy's SQLite recipe itself (its own BEGIN) works the same."""
+    sync_engine = target.engine.sync_engine
+
+    def no_driver_transactions(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    def begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+    await target.engine.dispose()  # the connect listener applies to new connections
+    event.listen(sync_engine, "connect", no_driver_transactions)
+    event.listen(sync_engine, "begin", begin)
+    try:
+        app, _ = app_on(target)
+        async with client_for(app) as client, isolated():
+            assert (await client.post("/items/one")).status_code == 200
+            assert (await client.get("/items")).json() == ["one"]
+        assert await target.committed() == []
+    finally:
+        event.remove(sync_engine, "connect", no_driver_transactions)
+        event.remove(sync_engine, "begin", begin)
+
+
+@on("mariadb")
+async def test_implicit_commits_behind_a_comment_and_temporary_tables(target: Target) -> None:
+    _app, db = app_on(target)
+    async with isolated(), db():
+        await db.session.execute(text("CREATE OR REPLACE TEMPORARY TABLE kit_temp (id INT)"))
+        await db.session.execute(text("DROP TEMPORARY TABLE kit_temp"))
+    with pytest.raises(IsolationError, match="commits the transaction by itself"):
+        async with isolated(), db():
+            await db.session.execute(text("/* cleanup */ TRUNCATE TABLE items"))
 
 
 # -- many tests in a row ----------------------------------------------------------------------

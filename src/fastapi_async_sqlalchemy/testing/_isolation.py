@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable
+import weakref
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
 from typing import Any
@@ -46,15 +47,20 @@ class IsolationError(FastAPIAsyncSQLAlchemyError):
     waited too long for its turn on the test connection."""
 
 
-_COMMIT = re.compile(r"\s*(COMMIT|END)\b", re.I)
+# Comments an ORM or a user may put before the statement's first keyword.
+_LEAD = r"\s*(?:(?:/\*.*?\*/|--[^\n]*\n|\#[^\n]*\n)\s*)*"
+_ENDS_TRANSACTION = re.compile(_LEAD + r"(COMMIT|END|ABORT|ROLLBACK(?!\s+TO\b))\b", re.I | re.S)
 _SAVEPOINT = re.compile(r"\s*SAVEPOINT\s+(\S+)", re.I)
+_SAVEPOINT_STATEMENT = re.compile(r"\s*(SAVEPOINT|RELEASE|ROLLBACK\s+TO)\b", re.I)
 # Statements after which MariaDB and MySQL commit the transaction by themselves.
 _IMPLICIT_COMMIT = re.compile(
-    r"\s*(ALTER|CREATE|DROP|RENAME|TRUNCATE|GRANT|REVOKE|LOCK\s+TABLES|UNLOCK\s+TABLES|"
+    _LEAD + r"(ALTER|CREATE|DROP|RENAME|TRUNCATE|GRANT|REVOKE|LOCK\s+TABLES|UNLOCK\s+TABLES|"
     r"ANALYZE|OPTIMIZE|REPAIR|FLUSH|START\s+TRANSACTION|BEGIN|SET\s+autocommit)\b",
-    re.I,
+    re.I | re.S,
 )
-_TEMPORARY = re.compile(r"\s*(CREATE|DROP)\s+TEMPORARY\s+TABLE\b", re.I)
+_TEMPORARY = re.compile(
+    _LEAD + r"(CREATE(\s+OR\s+REPLACE)?|DROP)\s+TEMPORARY\s+TABLE\b", re.I | re.S
+)
 
 # The session factory's keywords that isolated() sets, and puts back after.
 _SWAPPED = ("sync_session_class", "join_transaction_mode")
@@ -63,22 +69,43 @@ _current: Isolation | None = None
 
 
 class _Owner:
-    """A task that opened a savepoint, and the owner current where the task was started."""
+    """A task that opened a savepoint, and the owner current where the task was started (for
+    the task that entered ``isolated()``: none, and ``isolation`` is set)."""
 
-    __slots__ = ("parent", "task")
+    __slots__ = ("isolation", "parent", "task")
 
-    def __init__(self, task: asyncio.Task[Any] | None, parent: _Owner | None) -> None:
+    def __init__(
+        self,
+        task: asyncio.Task[Any] | None,
+        parent: _Owner | None,
+        isolation: Isolation | None = None,
+    ) -> None:
         self.task = task
         self.parent = parent
+        self.isolation = isolation
 
-    def within(self, other: _Owner) -> bool:
-        """Whether this owner is ``other`` or was started (transitively) from it."""
+    def within(self, other: _Owner, parents: Mapping[asyncio.Task[Any], asyncio.Task[Any]]) -> bool:
+        """Whether this owner is ``other`` or its task was started (transitively) from
+        ``other``'s: through the owners current where each task started, and through the
+        tasks the loop's task factory saw started (a task started before its parent's first
+        statement inherited no owner of the parent's)."""
         owner: _Owner | None = self
         while owner is not None:
             if owner is other:
                 return True
+            task = owner.task
+            while task is not None:
+                task = parents.get(task)
+                if task is not None and task is other.task:
+                    return True
             owner = owner.parent
         return False
+
+    def root(self) -> _Owner:
+        owner = self
+        while owner.parent is not None:
+            owner = owner.parent
+        return owner
 
 
 _owner: ContextVar[_Owner | None] = ContextVar(
@@ -105,10 +132,10 @@ class _Savepoint:
         self.owner = owner
         self.where = where
 
-    def describe(self) -> str:
+    def describe(self, *, first: bool = False) -> str:
         task = self.owner.task
         name = task.get_name() if task is not None else "no task"
-        return f"the transaction begun at {self.where} (task {name!r})"
+        return f"{'T' if first else 't'}he transaction begun at {self.where} (task {name!r})"
 
 
 class _Lane:
@@ -121,6 +148,9 @@ class _Lane:
         self.own: Connection | None = None  # from the checkout on: its statements are the kit's
         self.opening: asyncio.Future[None] | None = None
         self.stack: list[_Savepoint] = []
+        # A SAVEPOINT, RELEASE or ROLLBACK TO taken off or put on the stack, whose statement
+        # has not run yet (the driver may suspend before sending it): the others wait.
+        self.busy: _Savepoint | None = None
         self.waiters: list[asyncio.Future[None]] = []
         self.sqlite_level: Any = None
 
@@ -130,6 +160,7 @@ class _Lane:
         """The lane's connection, opened on first use (called from ``get_bind()``)."""
         connection = self.connection
         if connection is not None:
+            self._check_usable()
             return connection
         if self.opening is not None:
             await_(asyncio.shield(self.opening))
@@ -160,16 +191,21 @@ class _Lane:
                 self.sqlite_level = dbapi.isolation_level  # type: ignore[union-attr]
                 dbapi.isolation_level = None  # type: ignore[union-attr]
                 connection.begin()
-                connection.exec_driver_sql("BEGIN")
+                if not connection.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+                    connection.exec_driver_sql("BEGIN")  # unless a "begin" listener sent it
             else:
                 connection.begin()
+                if connection.dialect.name in ("mysql", "mariadb"):
+                    # Begun now, not at the first table touched: @@in_transaction then tells
+                    # whether something committed it meanwhile.
+                    connection.exec_driver_sql("START TRANSACTION")
         except BaseException:
             connection.invalidate()
             connection.close()
             raise
         event.listen(connection, "savepoint", self._savepoint)
-        event.listen(connection, "release_savepoint", self._end_savepoint)
-        event.listen(connection, "rollback_savepoint", self._end_savepoint)
+        event.listen(connection, "release_savepoint", self._release)
+        event.listen(connection, "rollback_savepoint", self._roll_back)
         event.listen(connection, "commit", self._commit)
         return connection
 
@@ -182,17 +218,21 @@ class _Lane:
         self.connection = None
         for savepoint in self.stack:
             problems.append(
-                f"{savepoint.describe()} was still open when the test ended: await the tasks "
-                "that use the database (and end their sessions) before the test returns."
+                f"{savepoint.describe(first=True)} was still open when the test ended: await "
+                "the tasks that use the database (and end their sessions) before the test "
+                "returns."
             )
         self.stack.clear()
         self._wake()
+        if connection.invalidated:
+            problems.append(self.isolation.invalidated())
         try:
             if not connection.invalidated and not _still_in_transaction(connection):
                 problems.append(
-                    "The test transaction was committed (an implicit commit, such as DDL on "
-                    "MariaDB or executescript() on SQLite): what the test wrote before it is "
-                    "in the database now."
+                    "The test transaction was ended early (an implicit commit, such as DDL on "
+                    "MariaDB or executescript() on SQLite, or a COMMIT or ROLLBACK sent around "
+                    "the kit): what was written before it may be in the database, and what "
+                    "was written after it is."
                 )
             transaction = connection.get_transaction()
             if transaction is not None:
@@ -209,27 +249,82 @@ class _Lane:
     # -- turns on the savepoint stack, from SQLAlchemy's events (in a greenlet) -----------------
 
     def _savepoint(self, connection: Connection, name: str | None) -> None:
+        self._check_usable()
         owner = _current_owner()
         where = _caller()
-        if self.stack and not owner.within(self.stack[-1].owner):
-            await_(self._wait(lambda: not self.stack or owner.within(self.stack[-1].owner), where))
-        self.stack.append(_Savepoint(owner, where))
+        parents = self.isolation.parents
 
-    def _end_savepoint(self, connection: Connection, name: str, context: Any) -> None:
+        def my_turn() -> bool:
+            return self.busy is None and (
+                not self.stack or owner.within(self.stack[-1].owner, parents)
+            )
+
+        if not my_turn():
+            await_(self._wait(my_turn, where))
+        savepoint = _Savepoint(owner, where)
+        self.stack.append(savepoint)
+        self.busy = savepoint  # until its SAVEPOINT statement has run
+
+    def _check_usable(self) -> None:
+        """Raise once SQLAlchemy invalidated the test connection (the transaction is gone)."""
+        own = self.own
+        if own is not None and own.invalidated:
+            self.stack.clear()
+            self._wake()
+            raise IsolationError(self.isolation.invalidated())
+
+    def ran(self, statement: str, failed: bool) -> None:
+        """A statement on the lane's connection has run (or ``failed``)."""
+        busy = self.busy
+        if busy is None or not _SAVEPOINT_STATEMENT.match(statement):
+            return
+        self.busy = None
+        if failed and _SAVEPOINT.match(statement) and busy in self.stack:
+            self.stack.remove(busy)  # its SAVEPOINT failed: it never existed
+        self._wake()
+
+    def _release(self, connection: Connection, name: str, context: Any) -> None:
+        self._end_savepoint(connection, name, releasing=True)
+
+    def _roll_back(self, connection: Connection, name: str, context: Any) -> None:
+        self._end_savepoint(connection, name, releasing=False)
+
+    def _end_savepoint(self, connection: Connection, name: str, *, releasing: bool) -> None:
+        """Wait until the savepoint ``name`` is the innermost, then take it off the stack."""
+        self._check_usable()
         savepoint = next((entry for entry in reversed(self.stack) if entry.name == name), None)
         if savepoint is None:  # its SAVEPOINT statement went unseen: the innermost unnamed one
             savepoint = next((entry for entry in reversed(self.stack) if entry.name is None), None)
         if savepoint is None:
             return
-        if self.stack[-1] is not savepoint:
-            await_(
-                self._wait(
-                    lambda: savepoint not in self.stack or self.stack[-1] is savepoint,
-                    savepoint.where,
-                )
+        above = self.stack[self.stack.index(savepoint) + 1 :]
+        task, mine = asyncio.current_task(), _owner.get()
+        if above and all(entry.owner is mine or entry.owner.task is task for entry in above):
+            # Waiting could only deadlock: the transactions in the way are this task's own (or,
+            # for a commit run in a cleanup task, those of the task it finishes for).
+            problem = (
+                f"{savepoint.describe(first=True)} ends while {above[-1].describe()}, begun "
+                "after it in the same task, is still open. Under isolated() the sessions of one "
+                "task share one connection, so they must end in the reverse order of their "
+                "first statements: give the later session its first statement first, or end "
+                "it first."
             )
+            if releasing:  # releasing it would release the later ones too
+                raise self.isolation.breach(problem)
+            self.isolation.breaches.append(f"{problem} Its rollback undid the later one too.")
+        else:
+
+            def my_turn() -> bool:
+                return self.busy is None and (
+                    savepoint not in self.stack or self.stack[-1] is savepoint
+                )
+
+            if not my_turn():
+                await_(self._wait(my_turn, savepoint.where))
         if savepoint in self.stack:
             del self.stack[self.stack.index(savepoint) :]
+        if not connection.invalidated:  # else no statement runs: nothing to wait for
+            self.busy = savepoint
         self._wake()
 
     def _commit(self, connection: Connection) -> None:
@@ -242,13 +337,15 @@ class _Lane:
         """A statement on the lane's connection: name the savepoint it opens, refuse commits."""
         opened = _SAVEPOINT.match(statement)
         if opened is not None:
-            if self.stack and self.stack[-1].name is None:
-                self.stack[-1].name = opened.group(1).strip('"`')
+            if self.busy is not None and self.busy.name is None:
+                self.busy.name = opened.group(1).strip('"`')
             return
-        if _COMMIT.match(statement):
+        ended = _ENDS_TRANSACTION.match(statement)
+        if ended is not None:
             raise self.isolation.breach(
-                f"A COMMIT statement at {_caller()} would end the test transaction: the data "
-                "would stay in the database after the test."
+                f"A {ended.group(1).upper()} statement at {_caller()} would end the test "
+                "transaction: what the test wrote before it would be committed or lost, and "
+                "what it writes after it would stay in the database."
             )
         if (
             self.engine.dialect.name in ("mysql", "mariadb")
@@ -265,6 +362,7 @@ class _Lane:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.isolation.timeout
         while not ready():
+            self._check_usable()
             remaining = deadline - loop.time()
             holder = self.stack[-1] if self.stack else None
             if remaining <= 0:
@@ -323,7 +421,23 @@ class Isolation:
         self.breaches: list[str] = []
         self.connecting = 0  # lanes being opened: their checkouts are the kit's own
         self.ended = False
+        # Each task started in the block -> the task that started it (the loop's task factory).
+        self.parents: weakref.WeakKeyDictionary[asyncio.Task[Any], asyncio.Task[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.invalidation: BaseException | None = None
         self.classes: dict[type[Session], type[Session]] = {}
+
+    def invalidated(self) -> str:
+        cause = self.invalidation
+        because = f" ({type(cause).__name__})" if cause is not None else ""
+        return (
+            f"SQLAlchemy invalidated the test connection{because}, as it does when a task is "
+            "cancelled during a statement or the connection breaks: the test transaction went "
+            "with it, and all the test and the app wrote in it. Do not cancel tasks in the "
+            "middle of a statement in an isolated test (asyncio.wait_for() or asyncio.timeout() "
+            "around a query, a db.gather() sibling cut off by a failure)."
+        )
 
     def breach(self, message: str) -> IsolationError:
         self.breaches.append(message)
@@ -388,14 +502,39 @@ class Isolation:
         if engine in self.watched:
             return
         self.watched.append(engine)
-        event.listen(engine, "checkout", self._checkout)
-        event.listen(engine, "before_cursor_execute", self._statement)
+        for name, listener in self._listeners():
+            event.listen(engine, name, listener)
 
     def unwatch(self) -> None:
         for engine in self.watched:
-            event.remove(engine, "checkout", self._checkout)
-            event.remove(engine, "before_cursor_execute", self._statement)
+            for name, listener in self._listeners():
+                event.remove(engine, name, listener)
         self.watched.clear()
+
+    def _listeners(self) -> list[tuple[str, Callable[..., Any]]]:
+        return [
+            ("checkout", self._checkout),
+            ("before_cursor_execute", self._statement),
+            ("after_cursor_execute", self._ran),
+            ("handle_error", self._error),
+            ("invalidate", self._invalidate),
+        ]
+
+    def _ran(self, connection: Connection, cursor: Any, statement: str, *_: Any) -> None:
+        lane = self.lanes.get(connection.engine)
+        if lane is not None and connection is lane.own:
+            lane.ran(statement, failed=False)
+
+    def _error(self, context: Any) -> None:
+        lane = self.lanes.get(context.engine)
+        if lane is not None and context.connection is lane.own:
+            lane.ran(context.statement or "", failed=True)
+
+    def _invalidate(self, dbapi_connection: Any, record: Any, exception: Any) -> None:
+        if self.invalidation is None:
+            self.invalidation = exception
+        for lane in self.lanes.values():
+            lane._wake()  # waiters see the connection is gone
 
     def _checkout(self, *_: Any) -> None:
         if not self.connecting:
@@ -408,7 +547,8 @@ class Isolation:
     def _statement(self, connection: Connection, cursor: Any, statement: str, *_: Any) -> None:
         lane = self.lanes.get(connection.engine)
         if lane is not None and connection is lane.own:
-            lane.statement(statement)
+            if lane.connection is not None:  # the kit's own statements while opening pass
+                lane.statement(statement)
             return
         raise IsolationError(
             f"{' '.join(statement.split())[:60]!r} at {_caller()} runs on a connection of its "
@@ -467,7 +607,13 @@ async def isolated(*, turn_timeout: float = 10.0) -> AsyncIterator[None]:
         if binding is not None:
             isolation.cover(binding)
     _proxy.bind_watchers.append(isolation.cover)
-    token = _owner.set(_Owner(asyncio.current_task(), None))
+    loop = asyncio.get_running_loop()
+    factory = loop.get_task_factory()
+    recording = _recording(factory, isolation.parents)
+    loop.set_task_factory(recording)
+    if not event.contains(Session, "after_begin", _begun):
+        event.listen(Session, "after_begin", _begun)
+    token = _owner.set(_Owner(asyncio.current_task(), None, isolation))
     try:
         try:
             yield
@@ -481,5 +627,41 @@ async def isolated(*, turn_timeout: float = 10.0) -> AsyncIterator[None]:
             raise IsolationError(" ".join(problems))
     finally:
         _current = None
+        if loop.get_task_factory() is recording:  # unless someone replaced it meanwhile
+            loop.set_task_factory(factory)
         with suppress(ValueError):
             _owner.reset(token)
+
+
+def _recording(
+    factory: Any, parents: weakref.WeakKeyDictionary[asyncio.Task[Any], asyncio.Task[Any]]
+) -> Any:
+    """The loop's task factory (``factory``, or plain tasks) noting who started each task."""
+
+    def start(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        if factory is None:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+        else:
+            task = factory(loop, coro, **kwargs)
+        starter = asyncio.current_task(loop)
+        if starter is not None:
+            parents[task] = starter
+        return task
+
+    return start
+
+
+def _begun(session: Session, transaction: Any, connection: Connection) -> None:
+    """A transaction begins in a task started inside an ``isolated()`` block that has ended:
+    what it writes would stay in the database."""
+    owner = _owner.get()
+    if owner is None:
+        return
+    root = owner.root()
+    isolation = root.isolation
+    if isolation is not None and isolation.ended and asyncio.current_task() is not root.task:
+        raise IsolationError(
+            "A task started inside isolated() used the database after the block ended: what "
+            "it writes would stay in the database and leak into the next test. Await (or "
+            "cancel) the tasks the test starts before it ends."
+        )
