@@ -8,6 +8,11 @@ hence ``db.stats``), run the same work in alternating batches in this one proces
 - ``per request``: one request through a FastAPI app that runs one ``SELECT 1`` and commits
   (the observed one also sends ``Server-Timing``).
 
+Statements on SQLite through aiosqlite cost a thread hop each (hundreds of µs, with as much
+noise), which hides a microsecond; so the per-statement cost of the statement hook alone is also
+measured on a synchronous in-memory SQLite engine: ``SELECT 1`` through a ``Connection`` without
+and with the observer's listeners, alternating batches, with a ``DatabaseStats`` current.
+
 It also measures the listener that tells a transaction ``begin_nested()`` began from one
 ``begin()`` began (every middleware installs it: the 0.8.1 drop-in fix), per request, removed
 and present.
@@ -20,16 +25,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
+import time
+from contextvars import ContextVar
 from typing import Any
 
 import httpx
 from fastapi import FastAPI
 from features import compare
-from sqlalchemy import event, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.orm import Session
 
 from fastapi_async_sqlalchemy import DBSessionMeta, create_middleware_and_session_proxy
 from fastapi_async_sqlalchemy._scope import _transaction_created
+from fastapi_async_sqlalchemy._stats import DatabaseStats, Observer
 
 SELECT_1 = text("SELECT 1")
 STATEMENTS = 20
@@ -66,6 +75,46 @@ def requests(client: httpx.AsyncClient) -> Any:
     return work
 
 
+def listener_cost(rounds: int, count: int = 5000) -> dict[str, float]:
+    """ns per statement that the observer's statement hook adds (median over rounds)."""
+    var: ContextVar[DatabaseStats | None] = ContextVar("bench_stats", default=None)
+    observer = Observer(
+        var,
+        server_timing=True,
+        slow_request_threshold=10.0,
+        n_plus_one_threshold=1_000_000,
+        n_plus_one="warn",
+    )
+    hooks = [
+        ("do_execute", observer._do_execute),
+        ("do_executemany", observer._do_executemany),
+        ("do_execute_no_params", observer._do_execute_no_params),
+    ]
+    engine = create_engine("sqlite://")
+    var.set(DatabaseStats())
+
+    def batch(connection: Any) -> float:
+        started = time.perf_counter_ns()
+        for _ in range(count):
+            connection.execute(SELECT_1)
+        return (time.perf_counter_ns() - started) / count
+
+    bases, diffs = [], []
+    with engine.connect() as connection:
+        batch(connection)
+        for _ in range(rounds):
+            base = batch(connection)
+            for name, hook in hooks:
+                event.listen(engine, name, hook)
+            observed = batch(connection)
+            for name, hook in hooks:
+                event.remove(engine, name, hook)
+            bases.append(base)
+            diffs.append(observed - base)
+    engine.dispose()
+    return {"base_ns": statistics.median(bases), "diff_ns": statistics.median(diffs)}
+
+
 async def main(args: argparse.Namespace) -> None:
     plain_app, plain_db = app_for(args.url)
     observed_app, observed_db = app_for(
@@ -100,6 +149,11 @@ async def main(args: argparse.Namespace) -> None:
             await client.aclose()
         for db in (plain_db, observed_db):
             await db._require_binding().owner.dispose()  # type: ignore[attr-defined]
+    hook = listener_cost(args.rounds)
+    print(
+        f"statement hook alone (sync SQLite, SELECT 1): {hook['base_ns']:.0f} ns -> "
+        f"{hook['base_ns'] + hook['diff_ns']:.0f} ns ({hook['diff_ns']:+.0f} ns a statement)"
+    )
     print(f"µs on {args.url.split(':')[0]}, median of {args.rounds} batches of {args.count}:")
     for name, figures in results.items():
         print(

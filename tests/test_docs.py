@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,10 @@ from typing import Any
 
 import pytest
 from conftest import serve
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import text
 
 from fastapi_async_sqlalchemy import db
@@ -240,6 +245,59 @@ async def check_capture_on_commit(ns: dict[str, Any], printed: str) -> None:
         assert await scalar("SELECT count(*) FROM orders") == 0
 
 
+async def check_stats(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        figures = (await client.get("/report")).json()
+    assert figures["statements"] == 2
+    assert figures["milliseconds"] > 0
+
+
+async def check_server_timing(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        await execute("CREATE TABLE visits (id INTEGER PRIMARY KEY)")
+        response = await client.post("/visits")
+    timing = response.headers["server-timing"]
+    assert re.fullmatch(
+        r'db;dur=[\d.]+;desc="1 query"(, db-pool;dur=[\d.]+)?, db-commit;dur=[\d.]+', timing
+    )
+
+
+async def check_n_plus_one(ns: dict[str, Any], printed: str) -> None:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("fastapi_async_sqlalchemy")
+    logger.addHandler(handler)
+    try:
+        async with serve(ns["app"]) as client:
+            async with db(commit_on_exit=True):
+                connection = await db.session.connection()
+                await connection.run_sync(ns["Base"].metadata.create_all)
+                for number in range(1, 21):
+                    db.session.add(ns["Author"](id=number, books=[ns["Book"](id=number)]))
+            assert (await client.get("/authors")).json() == [1] * 20
+    finally:
+        logger.removeHandler(handler)
+    [record] = [record for record in records if "N+1" in record.getMessage()]
+    assert "GET /authors" in record.getMessage()
+    assert "FROM books WHERE" in record.getMessage()
+
+
+async def check_opentelemetry(ns: dict[str, Any], printed: str) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with pytest.MonkeyPatch.context() as patch:  # this test only: the suite keeps the no-op
+        patch.setattr(trace, "get_tracer_provider", lambda: provider)
+        async with serve(ns["app"]) as client:
+            await execute("CREATE TABLE orders (item TEXT)")
+            assert (await client.post("/orders")).status_code == 200
+    names = sorted(span.name for span in exporter.get_finished_spans())
+    assert names.count("session") == 2  # the table's block, the request
+    assert names.count("COMMIT") == 2
+    provider.shutdown()
+
+
 async def check_errors(ns: dict[str, Any], printed: str) -> None:
     assert "async with db():" in printed
 
@@ -269,6 +327,10 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], Any]] = {
     "isolation-fastapi": check_isolation_fastapi,
     "isolation-starlette": check_isolation_starlette,
     "capture-on-commit": check_capture_on_commit,
+    "stats": check_stats,
+    "server-timing": check_server_timing,
+    "n-plus-one": check_n_plus_one,
+    "opentelemetry": check_opentelemetry,
 }
 
 

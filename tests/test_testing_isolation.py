@@ -78,12 +78,22 @@ async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
             pytest.skip(f"{name} is not reachable")
         engine = create_async_engine(url)
     async with engine.begin() as connection:
+        await _bounded_locks(connection)
         await connection.run_sync(metadata.drop_all)
         await connection.run_sync(metadata.create_all)
     yield Target(name, engine)
     async with engine.begin() as connection:
+        await _bounded_locks(connection)  # a test that leaked a transaction fails, not hangs
         await connection.run_sync(metadata.drop_all)
     await engine.dispose()
+
+
+async def _bounded_locks(connection: Any) -> None:
+    name = connection.dialect.name
+    if name == "postgresql":
+        await connection.execute(text("SET LOCAL lock_timeout = '20s'"))
+    elif name in ("mysql", "mariadb"):
+        await connection.execute(text("SET SESSION lock_wait_timeout = 20"))
 
 
 def app_on(target: Target, **options: Any) -> tuple[FastAPI, DBSessionMeta]:
@@ -291,19 +301,22 @@ async def test_a_background_task_write_is_rolled_back(target: Target) -> None:
 
 async def test_a_task_left_running_is_reported(target: Target) -> None:
     _app, db = app_on(target)
-    release = asyncio.Event()
+    release, wrote = asyncio.Event(), asyncio.Event()
 
     async def lingering() -> None:
         async with db(commit_on_exit=True):
             await db.session.execute(new_item("lingering"))
+            wrote.set()
             await release.wait()
 
-    with pytest.raises(IsolationError, match="still open when the test ended") as raised:
-        async with isolated():
-            task = asyncio.create_task(lingering())
-            await asyncio.sleep(0.05)
-    assert __file__.rsplit("/", 1)[-1] in str(raised.value)  # where its transaction began
-    release.set()
+    try:
+        with pytest.raises(IsolationError, match="still open when the test ended") as raised:
+            async with isolated():
+                task = asyncio.create_task(lingering())
+                await asyncio.wait_for(wrote.wait(), 10)
+        assert __file__.rsplit("/", 1)[-1] in str(raised.value)  # where its transaction began
+    finally:
+        release.set()
     with pytest.raises(InvalidRequestError, match="inactive"):  # its transaction is gone
         await task
     assert await target.committed() == []
@@ -313,14 +326,15 @@ async def test_a_task_left_running_is_reported(target: Target) -> None:
 async def test_a_cycle_ends_in_a_clear_error(target: Target) -> None:
     """A task holding the connection waits for a sibling that waits for the connection."""
     _app, db = app_on(target)
-    second_wrote = asyncio.Event()
+    first_holds, second_wrote = asyncio.Event(), asyncio.Event()
 
     async def first() -> None:
         await db.session.execute(new_item("first"))
+        first_holds.set()
         await asyncio.wait_for(second_wrote.wait(), 5)  # holds its transaction meanwhile
 
     async def second() -> None:
-        await asyncio.sleep(0.01)
+        await asyncio.wait_for(first_holds.wait(), 5)
         await db.session.execute(new_item("second"))
         second_wrote.set()
 

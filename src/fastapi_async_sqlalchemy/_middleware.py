@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, InvalidRequestError
@@ -31,6 +31,9 @@ from ._scope import Scope, finalize, finalize_after, logger, watch_savepoint_roo
 from ._stats import Observer, observed
 from ._types import ASGIApp, ASGIScope, Message, Receive, Send
 from .exceptions import InvalidConfigurationError, ProxyBindingError
+
+if TYPE_CHECKING:
+    from ._otel import Telemetry
 
 _LIFESPAN_ENDS = frozenset(
     {"lifespan.shutdown.complete", "lifespan.shutdown.failed", "lifespan.startup.failed"}
@@ -65,6 +68,7 @@ class BaseSQLAlchemyMiddleware:
         slow_request_threshold: float | None = None,
         n_plus_one_threshold: int | None = None,
         n_plus_one: str = "warn",
+        opentelemetry: bool = False,
     ) -> None:
         # Every check comes before anything is allocated: a refused construction leaves no
         # engine, no pool, and the proxy as it was.
@@ -106,13 +110,21 @@ class BaseSQLAlchemyMiddleware:
             install_deadlines(self.engine)
             session_options = with_deadline(session_options, self.statement_timeout)
         self._observer: Observer | None = None
-        if stats or self.server_timing or self.slow_request_threshold or self.n_plus_one_threshold:
+        telemetry = _telemetry(self.engine) if opentelemetry else None
+        if (
+            stats
+            or self.server_timing
+            or self.slow_request_threshold
+            or self.n_plus_one_threshold
+            or telemetry is not None
+        ):
             self._observer = Observer(
                 self.proxy._stats,
                 server_timing=self.server_timing,
                 slow_request_threshold=self.slow_request_threshold,
                 n_plus_one_threshold=self.n_plus_one_threshold,
                 n_plus_one=n_plus_one,
+                telemetry=telemetry,
             )
             session_options = observed(session_options, self._observer)
         self._binding = Binding(
@@ -258,6 +270,17 @@ class BaseSQLAlchemyMiddleware:
         if not self._disposed:
             await self.engine.dispose()
             self._disposed = True
+
+
+def _telemetry(engine: AsyncEngine) -> Telemetry:
+    try:
+        from ._otel import Telemetry
+    except ImportError:
+        raise InvalidConfigurationError(
+            "opentelemetry=True needs OpenTelemetry's API: pip install opentelemetry-api (and "
+            "the SDK with an exporter, which decide where the spans and metrics go)."
+        ) from None
+    return Telemetry(engine)
 
 
 def _check_engine_source(

@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -36,9 +36,14 @@ from ._types import ASGIScope, Message, Receive, Send
 from ._where import caller
 from .exceptions import NPlusOneError
 
+if TYPE_CHECKING:
+    from ._otel import Telemetry
+
 logger = logging.getLogger("fastapi_async_sqlalchemy")
 
 perf_counter = time.perf_counter
+
+SPAN = "fastapi_async_sqlalchemy.span"  # the session.info key of a session's span (tracing)
 
 
 class DatabaseStats:
@@ -116,14 +121,17 @@ class Observer:
         slow_request_threshold: float | None,
         n_plus_one_threshold: int | None,
         n_plus_one: str,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.var = var
+        self.telemetry = telemetry
         self.server_timing = server_timing
         self.slow_request_threshold = slow_request_threshold
         self.n_plus_one_threshold = n_plus_one_threshold
         self.raise_n_plus_one = n_plus_one == "raise"
-        # pending: when the current task's session asked for a connection (pool wait start)
-        self.asked: ContextVar[float | None] = ContextVar(
+        # When the current task's session asked for a connection (the pool wait's start), and
+        # the session's span when tracing: (perf_counter(), time_ns(), span).
+        self.asked: ContextVar[tuple[float, int, Any] | None] = ContextVar(
             "fastapi_async_sqlalchemy.connection_asked", default=None
         )
         self.engine: AsyncEngine | None = None
@@ -133,6 +141,8 @@ class Observer:
 
     def attach(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        if self.telemetry is not None:
+            self.telemetry.start()
         sync_engine = engine.sync_engine
         if event.contains(sync_engine, "do_execute", self._do_execute):
             return
@@ -142,6 +152,8 @@ class Observer:
         event.listen(sync_engine, "checkout", self._checkout)
 
     def detach(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.stop()
         engine = self.engine
         if engine is None:
             return
@@ -224,40 +236,82 @@ class Observer:
         if asked is not None:
             stats = self.var.get()
             if stats is not None:
-                stats.pool_wait += perf_counter() - asked
+                stats.pool_wait += perf_counter() - asked[0]
+            telemetry = self.telemetry
+            if telemetry is not None and asked[2] is not None:
+                telemetry.child(asked[2], "connection wait", start_time=asked[1]).end()
             self.asked.set(None)
 
     # -- the sessions -------------------------------------------------------------------------
 
     def session_class(self, base: type[Session]) -> type[Session]:
-        """``base`` with a timed ``commit()`` and a ``get_bind()`` that starts the pool wait."""
+        """``base`` with a timed ``commit()``, a ``get_bind()`` that starts the pool wait and,
+        with OpenTelemetry, a span from ``__init__()`` to ``close()``."""
         observed = self._classes.get(base)
         if observed is None:
-            var, asked = self.var, self.asked
-
-            def get_bind(self: Session, *args: Any, **kw: Any) -> Any:
-                if var.get() is not None:
-                    asked.set(perf_counter())
-                return base.get_bind(self, *args, **kw)
-
-            def commit(self: Session) -> None:
-                stats = var.get()
-                if stats is None:
-                    base.commit(self)
-                    return
-                start = perf_counter()
-                try:
-                    base.commit(self)
-                finally:
-                    stats.commits += 1
-                    stats.commit_time += perf_counter() - start
-
             observed = self._classes[base] = type(
                 base.__name__,
                 (base,),
-                {"get_bind": get_bind, "commit": commit, "__module__": base.__module__},
+                {**self._methods(base), "__module__": base.__module__},
             )
         return observed
+
+    def _methods(self, base: type[Session]) -> dict[str, Any]:
+        var, asked, telemetry = self.var, self.asked, self.telemetry
+
+        def get_bind(self: Session, *args: Any, **kw: Any) -> Any:
+            if var.get() is not None:
+                span = self.info.get(SPAN) if telemetry is not None else None
+                asked.set((perf_counter(), time.time_ns() if span is not None else 0, span))
+            return base.get_bind(self, *args, **kw)
+
+        def commit(self: Session) -> None:
+            stats = var.get()
+            span = self.info.get(SPAN) if telemetry is not None else None
+            if stats is None and span is None:
+                base.commit(self)
+                return
+            committing = telemetry.child(span, "COMMIT") if telemetry and span else None
+            start = perf_counter()
+            try:
+                base.commit(self)
+            except BaseException as error:
+                if committing is not None:
+                    telemetry.failed(committing, error)  # type: ignore[union-attr]
+                raise
+            finally:
+                if stats is not None:
+                    stats.commits += 1
+                    stats.commit_time += perf_counter() - start
+                if committing is not None:
+                    committing.end()
+
+        methods: dict[str, Any] = {"get_bind": get_bind, "commit": commit}
+        if telemetry is None:
+            return methods
+
+        def __init__(self: Session, *args: Any, **kw: Any) -> None:
+            base.__init__(self, *args, **kw)
+            self.info[SPAN] = telemetry.session_span()
+
+        def close(self: Session) -> None:
+            span = self.info.pop(SPAN, None)
+            if span is None:
+                base.close(self)
+                return
+            rolling_back = telemetry.child(span, "ROLLBACK") if self.in_transaction() else None
+            try:
+                base.close(self)
+            except BaseException as error:
+                telemetry.failed(rolling_back or span, error)
+                raise
+            finally:
+                if rolling_back is not None:
+                    rolling_back.end()
+                span.end()
+
+        methods.update(__init__=__init__, close=close)
+        return methods
 
     # -- requests -----------------------------------------------------------------------------
 
