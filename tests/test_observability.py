@@ -9,10 +9,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Database, items, make_app, new_item, serve
+from conftest import Database, items, make_app, new_item, serve, websocket_scope
+from fastapi import WebSocket
 from fastapi.responses import StreamingResponse
 from sqlalchemy import ForeignKey, String, event, func, select, text
-from sqlalchemy.ext.asyncio import AsyncAttrs
+from sqlalchemy.ext.asyncio import AsyncAttrs, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from fastapi_async_sqlalchemy import (
@@ -346,3 +347,127 @@ async def test_the_statement_hook_runs_the_dialects_own_method(database: Databas
             assert db.stats.statements == 1
         assert await database.names() == ["many-1", "many-2"]
     assert calls
+
+
+# -- what the review found ------------------------------------------------------------------------
+
+
+async def test_commits_are_the_commits_sent(database: Database) -> None:
+    """A begin() block's COMMIT counts; a commit with nothing to commit does not."""
+    app, db = make_app(database, stats=True, commit_on_exit=True)
+    seen: dict[str, Any] = {}
+
+    @app.post("/commits")
+    async def commits() -> None:
+        async with db.session.begin():
+            await db.session.execute(new_item("in-begin"))
+        await db.session.commit()  # nothing begun since: no COMMIT sent
+        await db.session.execute(new_item("after"))
+        await db.session.commit()
+        await db.session.commit()  # again nothing to commit
+        seen["commits"] = db.stats.commits
+        seen["stats"] = db.stats
+
+    async with serve(app) as client:
+        assert (await client.post("/commits")).status_code == 200
+    assert seen["commits"] == 2
+    assert seen["stats"].commits == 2  # the middleware's commit at the end had nothing to send
+    assert await database.names() == ["after", "in-begin"]
+
+
+async def test_a_task_outliving_its_request_counts_on_its_own(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, db = make_app(database, n_plus_one_threshold=3)
+    figures: list[int] = []
+    done = asyncio.Event()
+
+    async def poller() -> None:
+        for _ in range(6):  # six blocks, the same statement in each: no N+1 of the request
+            async with db():
+                await db.session.execute(COUNT_ITEMS)
+                figures.append(db.stats.statements)
+        done.set()
+
+    @app.post("/start")
+    async def start() -> None:
+        await db.session.execute(COUNT_ITEMS)
+        asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(poller()))
+
+    async with serve(app) as client:
+        with caplog.at_level(logging.WARNING, logger="fastapi_async_sqlalchemy"):
+            assert (await client.post("/start")).status_code == 200
+            await asyncio.wait_for(done.wait(), 10)
+    assert figures == [1] * 6
+    assert not [record for record in caplog.records if "N+1" in record.getMessage()]
+
+
+async def test_the_apps_own_statement_listeners_still_run(database: Database) -> None:
+    app, db = make_app(database, stats=True)
+    seen: list[str] = []
+
+    def do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
+        seen.append(statement)  # returns None: SQLAlchemy (or the next listener) runs it
+
+    @app.get("/")
+    async def index() -> int:
+        await db.session.execute(text("SELECT 41 + 1"))
+        return db.stats.statements
+
+    async with serve(app) as client:
+        event.listen(db.engine.sync_engine, "do_execute", do_execute)  # added after ours
+        assert (await client.get("/")).json() == 1
+    assert any("41 + 1" in statement for statement in seen)
+
+
+async def test_a_left_over_observer_on_a_shared_engine_stays_out(database: Database) -> None:
+    """Two apps on one custom_engine and one proxy; the first never disposed (no lifespan)."""
+    engine = create_async_engine(database.url)
+    Middleware, db = create_middleware_and_session_proxy()
+
+    async def queries(scope: Any, receive: Any, send: Any) -> None:
+        for _ in range(5):
+            await db.session.execute(COUNT_ITEMS)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(db.stats.statements).encode()})
+
+    Middleware(queries, custom_engine=engine, n_plus_one_threshold=2, n_plus_one="raise")
+    second = Middleware(queries, custom_engine=engine, stats=True)
+    transport = httpx.ASGITransport(app=second)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/")).text == "5"  # the first one's "raise" does not apply
+    await second.dispose()
+    with pytest.raises(InvalidConfigurationError, match="before the middleware is disposed"):
+        async with db():
+            db.stats  # noqa: B018
+    await engine.dispose()
+
+
+async def test_websocket_connections_have_figures(database: Database) -> None:
+    app, db = make_app(database, n_plus_one_threshold=3, n_plus_one="raise")
+    seen: dict[str, Any] = {}
+
+    @app.websocket("/ws")
+    async def socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await db.session.execute(COUNT_ITEMS)
+        seen["statements"] = db.stats.statements
+        try:
+            for _ in range(4):
+                await db.session.execute(COUNT_ITEMS)
+        except NPlusOneError as error:
+            seen["error"] = error
+        await websocket.close()
+
+    incoming = [{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1000}]
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async with serve(app):
+        await app(websocket_scope("/ws"), receive, send)
+    assert seen["statements"] == 1
+    assert "ran more than 3 times" in str(seen["error"])

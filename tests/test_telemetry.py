@@ -126,6 +126,10 @@ async def test_a_failed_commit_is_an_error_span(database: Database, telemetry: T
     assert commit.status.status_code is StatusCode.ERROR
     assert commit.attributes is not None
     assert "error.type" in commit.attributes
+    # The error's message holds the statement and its parameters: it is not recorded.
+    recorded = " ".join(str(event.attributes) for event in commit.events)
+    assert "again" not in recorded
+    assert "INSERT" not in recorded.upper()
 
 
 async def test_the_pool_is_observed_as_metrics(database: Database, telemetry: Telemetry) -> None:
@@ -188,3 +192,34 @@ def test_asking_without_opentelemetry_installed_says_what_to_install(
     with pytest.raises(InvalidConfigurationError, match="pip install opentelemetry-api"):
         Middleware(None, db_url="sqlite+aiosqlite://", opentelemetry=True)  # type: ignore[arg-type]
     assert db._binding is None
+
+
+async def test_every_engine_is_reported(
+    database: Database, telemetry: Telemetry, tmp_path: Any
+) -> None:
+    app, db = make_app(database, opentelemetry=True)
+    Other, other = create_middleware_and_session_proxy()
+    second = Other(None, db_url=f"sqlite+aiosqlite:///{tmp_path}/other.db", opentelemetry=True)
+    async with serve(app), db(), other():
+        await db.session.execute(select(1))
+        await other.session.execute(select(1))
+        reported = telemetry.metrics()["db.client.connection.count"]
+    await second.dispose()
+    pools = {attributes["db.client.connection.pool.name"] for attributes, _ in reported}
+    assert len(pools) == 2
+
+
+async def test_no_rollback_span_when_nothing_reached_the_database(
+    database: Database, telemetry: Telemetry
+) -> None:
+    app, db = make_app(database, opentelemetry=True)
+
+    @app.post("/nothing-sent")
+    async def nothing_sent() -> None:
+        db.session.add(Row(id=999_999, name="never flushed"))
+        raise HTTPException(404)
+
+    async with serve(app) as client:
+        assert (await client.post("/nothing-sent")).status_code == 404
+    assert len(telemetry.spans("session")) == 1
+    assert telemetry.spans("ROLLBACK") == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -771,8 +771,9 @@ def test_the_pytest_plugin_isolates_each_test(tmp_path: Path) -> None:
     import sys
 
     database = tmp_path / "app.sqlite3"
-    with sqlite3.connect(database) as connection:
+    with closing(sqlite3.connect(database)) as connection:  # `with connect()` does not close
         connection.execute("CREATE TABLE notes (body TEXT)")
+        connection.commit()
     url = f"sqlite+aiosqlite:///{database}"
     (tmp_path / "test_user_app.py").write_text(f"URL = {url!r}\n" + PLUGIN_TESTS)
     result = subprocess.run(
@@ -796,5 +797,5 @@ def test_the_pytest_plugin_isolates_each_test(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
-    with sqlite3.connect(database) as connection:
+    with closing(sqlite3.connect(database)) as connection:
         assert connection.execute("SELECT count(*) FROM notes").fetchone() == (0,)

@@ -173,7 +173,10 @@ class BaseSQLAlchemyMiddleware:
             else:
                 await self._admitted_http(self._admission, scope, receive, send)
         elif kind == "websocket":
-            await self._websocket(scope, receive, send)
+            if self._observer is not None:
+                await self._observer.websocket(self._websocket, scope, receive, send)
+            else:
+                await self._websocket(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         else:

@@ -7,8 +7,9 @@ decides where the spans go.
 
 - ``session``: from a session's creation to its close, a child of the span current where the
   session was made (the request's server span, or the task's);
-- ``COMMIT`` and ``ROLLBACK``: children of their session's span (a rollback is the one a close
-  does on an open transaction: a request answered 4xx, a failing block);
+- ``COMMIT`` and ``ROLLBACK``: children of their session's span, when something reached the
+  database (a rollback is the one a close does on an open transaction: a request answered 4xx,
+  a failing block, a read-only request without ``commit_on_exit``);
 - ``connection wait``: from a session asking for a connection to the pool handing one over.
 
 Attributes follow OpenTelemetry's database conventions (``db.system.name``, ``db.namespace``,
@@ -21,6 +22,7 @@ connection).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,7 +36,7 @@ _SCOPE = "fastapi_async_sqlalchemy"
 
 
 class Telemetry:
-    """The spans and metrics of one middleware's engine."""
+    """The spans of one middleware's engine, and its pool's figures for the metrics."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         from . import __version__
@@ -52,26 +54,6 @@ class Telemetry:
             self.attributes["server.port"] = url.port
         self.pool_name = f"{system}://{url.host or ''}/{url.database or ''}"
         self.engine = engine
-        meter = metrics.get_meter(_SCOPE, __version__)
-        meter.create_observable_up_down_counter(
-            "db.client.connection.count",
-            callbacks=[self._count],
-            unit="{connection}",
-            description="Connections of the pool, by state.",
-        )
-        meter.create_observable_up_down_counter(
-            "db.client.connection.max",
-            callbacks=[self._max],
-            unit="{connection}",
-            description="The most connections the pool may hold open.",
-        )
-        meter.create_observable_up_down_counter(
-            "db.client.connection.pending_requests",
-            callbacks=[self._pending],
-            unit="{request}",
-            description="Tasks waiting for a connection of the pool.",
-        )
-        self.observing = True
 
     # -- spans ----------------------------------------------------------------------------------
 
@@ -93,45 +75,79 @@ class Telemetry:
 
     @staticmethod
     def failed(span: Span, error: BaseException) -> None:
-        span.record_exception(error)
+        # No record_exception(): a database error's message holds the statement and its
+        # parameters, which may be personal data.
         span.set_status(Status(StatusCode.ERROR, type(error).__name__))
         span.set_attribute("error.type", type(error).__qualname__)
 
     # -- metrics --------------------------------------------------------------------------------
 
-    def _count(self, options: Any) -> Iterator[metrics.Observation]:
-        if not self.observing:
-            return
+    def start(self) -> None:
+        """Report this engine's pool (again, after its middleware's lifespan restarted)."""
+        _instruments()
+        _reported.add(self)
+
+    def stop(self) -> None:
+        """The engine is disposed: its pool is no longer reported."""
+        _reported.discard(self)
+
+    def observations(self) -> dict[str, list[metrics.Observation]]:
         status = pool_status(self.engine)
-        if status["checked_out"] is None:
-            return
-        base = {"db.client.connection.pool.name": self.pool_name}
-        yield metrics.Observation(
-            status["checked_in"], {**base, "db.client.connection.state": "idle"}
-        )
-        yield metrics.Observation(
-            status["checked_out"], {**base, "db.client.connection.state": "used"}
-        )
-
-    def _max(self, options: Any) -> Iterator[metrics.Observation]:
-        if not self.observing:
-            return
-        capacity = pool_status(self.engine)["capacity"]
-        if capacity is not None:
-            yield metrics.Observation(capacity, {"db.client.connection.pool.name": self.pool_name})
-
-    def _pending(self, options: Any) -> Iterator[metrics.Observation]:
-        if not self.observing:
-            return
+        pool = {"db.client.connection.pool.name": self.pool_name}
+        found: dict[str, list[metrics.Observation]] = {"count": [], "max": [], "pending": []}
+        if status["checked_out"] is not None:
+            found["count"] = [
+                metrics.Observation(
+                    status["checked_in"], {**pool, "db.client.connection.state": "idle"}
+                ),
+                metrics.Observation(
+                    status["checked_out"], {**pool, "db.client.connection.state": "used"}
+                ),
+            ]
+        if status["capacity"] is not None:
+            found["max"] = [metrics.Observation(status["capacity"], pool)]
         # SQLAlchemy's asyncio pools queue their waiters in an asyncio.Queue, made on first use.
         made = getattr(getattr(self.engine.pool, "_pool", None), "__dict__", {})
         getters = getattr(made.get("_queue"), "_getters", None) or ()
         waiting = sum(1 for getter in list(getters) if not getter.done())
-        yield metrics.Observation(waiting, {"db.client.connection.pool.name": self.pool_name})
+        found["pending"] = [metrics.Observation(waiting, pool)]
+        return found
 
-    def stop(self) -> None:
-        """The engine is disposed: the instruments observe nothing until it is used again."""
-        self.observing = False
 
-    def start(self) -> None:
-        self.observing = True
+# Every engine reported, by instruments made once per meter: a meter keeps the first callbacks
+# given for a name, so one set of callbacks serves every pool.
+_reported: weakref.WeakSet[Telemetry] = weakref.WeakSet()
+_equipped: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _instruments() -> None:
+    from . import __version__
+
+    meter = metrics.get_meter(_SCOPE, __version__)
+    try:
+        if meter in _equipped:
+            return
+        _equipped.add(meter)
+    except TypeError:  # a meter that cannot be weakly referenced: equip it every time
+        pass
+    for name, key, unit, description in (
+        ("db.client.connection.count", "count", "{connection}", "Connections, by state."),
+        ("db.client.connection.max", "max", "{connection}", "The most connections allowed."),
+        (
+            "db.client.connection.pending_requests",
+            "pending",
+            "{request}",
+            "Tasks waiting for a connection.",
+        ),
+    ):
+        meter.create_observable_up_down_counter(
+            name, callbacks=[_observe(key)], unit=unit, description=description
+        )
+
+
+def _observe(key: str) -> Any:
+    def callback(options: Any) -> Iterator[metrics.Observation]:
+        for telemetry in list(_reported):
+            yield from telemetry.observations()[key]
+
+    return callback

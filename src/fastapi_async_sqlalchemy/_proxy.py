@@ -127,18 +127,19 @@ class DBSessionMeta:
         ``statement_time``, ``pool_wait``, ``commits``, ``commit_time`` (seconds).
 
         Collected when the middleware has ``stats=True`` (or ``server_timing``,
-        ``slow_request_threshold`` or ``n_plus_one_threshold``); otherwise, and outside any
-        scope, reading it raises an error that says so.
+        ``slow_request_threshold``, ``n_plus_one_threshold`` or ``opentelemetry``), and until it
+        is disposed; otherwise, and outside any scope, reading it raises an error that says so.
         """
         stats = self._stats.get()
-        if stats is not None:
+        if stats is not None and not stats.ended:
             return stats
         binding = self._binding
-        if binding is not None and binding.observer is None:
+        if binding is not None and (binding.observer is None or not binding.observer.active):
             raise InvalidConfigurationError(
                 f"{self._name}.stats needs statistics collected: pass stats=True (or "
-                "server_timing=True, slow_request_threshold or n_plus_one_threshold) to the "
-                "middleware."
+                "server_timing=True, slow_request_threshold, n_plus_one_threshold or "
+                "opentelemetry=True) to the middleware, and read it before the middleware is "
+                "disposed."
             )
         raise self._no_scope_error()
 
@@ -374,8 +375,10 @@ class ExplicitScope:
                     factory, proxy._require_binding().engine, self._pool_timeout
                 )
         counted = None
-        if proxy._require_binding().observer is not None and proxy._stats.get() is None:
-            counted = proxy._stats.set(DatabaseStats())  # a block of its own, outside a request
+        observer = proxy._require_binding().observer
+        if observer is not None and observer.active and observer.current() is None:
+            # A block of its own: outside a request, or in a task that outlived its request.
+            counted = proxy._stats.set(DatabaseStats(None, observer))
         self._entered.append((scope, proxy._var.set(scope), counted))
         return proxy
 
@@ -401,6 +404,9 @@ class ExplicitScope:
         finally:
             restore(self._proxy._var, token, scope)
             if counted is not None:
+                stats = self._proxy._stats.get()
+                if stats is not None:
+                    stats.ended = True
                 with contextlib.suppress(ValueError):  # exited in another context
                     self._proxy._stats.reset(counted)
 

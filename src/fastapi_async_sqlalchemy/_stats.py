@@ -54,6 +54,8 @@ class DatabaseStats:
         "asgi_scope",
         "commit_time",
         "commits",
+        "ended",
+        "owner",
         "pool_wait",
         "shapes",
         "slowest",
@@ -63,7 +65,9 @@ class DatabaseStats:
         "statements",
     )
 
-    def __init__(self, asgi_scope: ASGIScope | None = None) -> None:
+    def __init__(self, asgi_scope: ASGIScope | None = None, owner: object = None) -> None:
+        self.owner = owner  # the Observer that fills it in
+        self.ended = False  # its request or block is over: a task outliving it starts afresh
         self.statements = 0
         self.statement_time = 0.0
         self.pool_wait = 0.0
@@ -135,6 +139,7 @@ class Observer:
             "fastapi_async_sqlalchemy.connection_asked", default=None
         )
         self.engine: AsyncEngine | None = None
+        self.active = False  # its listeners are installed
         self._classes: dict[type[Session], type[Session]] = {}
 
     # -- the engine's listeners ---------------------------------------------------------------
@@ -150,8 +155,11 @@ class Observer:
         event.listen(sync_engine, "do_executemany", self._do_executemany)
         event.listen(sync_engine, "do_execute_no_params", self._do_execute_no_params)
         event.listen(sync_engine, "checkout", self._checkout)
+        event.listen(sync_engine, "commit", self._committed)
+        self.active = True
 
     def detach(self) -> None:
+        self.active = False
         if self.telemetry is not None:
             self.telemetry.stop()
         engine = self.engine
@@ -163,39 +171,49 @@ class Observer:
             event.remove(sync_engine, "do_executemany", self._do_executemany)
             event.remove(sync_engine, "do_execute_no_params", self._do_execute_no_params)
             event.remove(sync_engine, "checkout", self._checkout)
+            event.remove(sync_engine, "commit", self._committed)
 
     def _do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-        stats = self.var.get()
-        if stats is None or not context.root_connection._allow_autobegin:
-            return False  # not in a scope; or the dialect's set-up of a new connection
-        self._before(stats, statement)
-        start = perf_counter()
-        try:
-            context.dialect.do_execute(cursor, statement, parameters, context)
-        finally:
-            self._after(stats, statement, perf_counter() - start)
-        return True
+        return self._timed(
+            "do_execute", statement, context, (cursor, statement, parameters, context)
+        )
 
     def _do_executemany(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-        stats = self.var.get()
-        if stats is None or not context.root_connection._allow_autobegin:
-            return False  # not in a scope; or the dialect's set-up of a new connection
-        self._before(stats, statement)
-        start = perf_counter()
-        try:
-            context.dialect.do_executemany(cursor, statement, parameters, context)
-        finally:
-            self._after(stats, statement, perf_counter() - start)
-        return True
+        return self._timed(
+            "do_executemany", statement, context, (cursor, statement, parameters, context)
+        )
 
     def _do_execute_no_params(self, cursor: Any, statement: str, context: Any) -> bool:
+        return self._timed("do_execute_no_params", statement, context, (cursor, statement, context))
+
+    def current(self) -> DatabaseStats | None:
+        """The figures this observer fills in here, if any."""
         stats = self.var.get()
+        if stats is None or stats.owner is not self or stats.ended:
+            return None
+        return stats
+
+    def _timed(self, kind: str, statement: str, context: Any, args: tuple[Any, ...]) -> bool:
+        """Run the statement as the dialect would (listeners after this one first), timed."""
+        stats = self.current()
         if stats is None or not context.root_connection._allow_autobegin:
-            return False  # not in a scope; or the dialect's set-up of a new connection
+            return False  # not observed here; or the dialect's set-up of a new connection
         self._before(stats, statement)
+        dialect = context.dialect
+        mine = getattr(self, f"_{kind}")
         start = perf_counter()
         try:
-            context.dialect.do_execute_no_params(cursor, statement, context)
+            # Saying "handled" skips the listeners added after this one: run them here.
+            handled = after_mine = False
+            for listener in getattr(dialect.dispatch, kind):
+                if after_mine:
+                    if listener(*args):
+                        handled = True
+                        break
+                elif listener == mine:
+                    after_mine = True
+            if not handled:
+                getattr(dialect, kind)(*args)
         finally:
             self._after(stats, statement, perf_counter() - start)
         return True
@@ -231,10 +249,15 @@ class Observer:
             raise NPlusOneError(message)
         logger.warning(message, extra={"route": stats.route(), "statement": statement})
 
+    def _committed(self, connection: Any) -> None:
+        stats = self.current()
+        if stats is not None:
+            stats.commits += 1  # a COMMIT is sent (by a session, a begin() block, ...)
+
     def _checkout(self, *_: Any) -> None:
         asked = self.asked.get()
         if asked is not None:
-            stats = self.var.get()
+            stats = self.current()
             if stats is not None:
                 stats.pool_wait += perf_counter() - asked[0]
             telemetry = self.telemetry
@@ -257,21 +280,24 @@ class Observer:
         return observed
 
     def _methods(self, base: type[Session]) -> dict[str, Any]:
-        var, asked, telemetry = self.var, self.asked, self.telemetry
+        observer, asked, telemetry = self, self.asked, self.telemetry
 
         def get_bind(self: Session, *args: Any, **kw: Any) -> Any:
-            if var.get() is not None:
+            if observer.current() is not None:
                 span = self.info.get(SPAN) if telemetry is not None else None
                 asked.set((perf_counter(), time.time_ns() if span is not None else 0, span))
             return base.get_bind(self, *args, **kw)
 
         def commit(self: Session) -> None:
-            stats = var.get()
+            stats = observer.current()
             span = self.info.get(SPAN) if telemetry is not None else None
-            if stats is None and span is None:
-                base.commit(self)
+            if (stats is None and span is None) or not (
+                _holds_connection(self) or self.new or self.deleted or self.dirty
+            ):
+                base.commit(self)  # nothing to time: no statement and no COMMIT will be sent
                 return
             committing = telemetry.child(span, "COMMIT") if telemetry and span else None
+            sent = stats.commits if stats is not None else 0
             start = perf_counter()
             try:
                 base.commit(self)
@@ -280,8 +306,7 @@ class Observer:
                     telemetry.failed(committing, error)  # type: ignore[union-attr]
                 raise
             finally:
-                if stats is not None:
-                    stats.commits += 1
+                if stats is not None and stats.commits != sent:
                     stats.commit_time += perf_counter() - start
                 if committing is not None:
                     committing.end()
@@ -299,7 +324,7 @@ class Observer:
             if span is None:
                 base.close(self)
                 return
-            rolling_back = telemetry.child(span, "ROLLBACK") if self.in_transaction() else None
+            rolling_back = telemetry.child(span, "ROLLBACK") if _holds_connection(self) else None
             try:
                 base.close(self)
             except BaseException as error:
@@ -322,7 +347,7 @@ class Observer:
         receive: Receive,
         send: Send,
     ) -> None:
-        stats = DatabaseStats(scope)
+        stats = DatabaseStats(scope, self)
         token = self.var.set(stats)
         if self.server_timing:
 
@@ -337,6 +362,7 @@ class Observer:
         try:
             await serve(scope, receive, timed)
         finally:
+            stats.ended = True
             self.var.reset(token)
             threshold = self.slow_request_threshold
             if threshold is not None and stats.statement_time > threshold:
@@ -355,6 +381,27 @@ class Observer:
                     _clip(shape(stats.slowest_statement)),
                     extra={"route": stats.route(), "statement": stats.slowest_statement},
                 )
+
+    async def websocket(
+        self,
+        serve: Callable[[ASGIScope, Receive, Send], Awaitable[None]],
+        scope: ASGIScope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        stats = DatabaseStats(scope, self)
+        token = self.var.set(stats)
+        try:
+            await serve(scope, receive, send)
+        finally:
+            stats.ended = True
+            self.var.reset(token)
+
+
+def _holds_connection(session: Session) -> bool:
+    """Whether the session's transaction has a connection (so a COMMIT or ROLLBACK is sent)."""
+    transaction = session.get_transaction()
+    return transaction is not None and bool(getattr(transaction, "_connections", True))
 
 
 def observed(session_args: dict[str, Any], observer: Observer) -> dict[str, Any]:
