@@ -347,40 +347,39 @@ class Observer:
         receive: Receive,
         send: Send,
     ) -> None:
+        """Serve one request with figures of its own, then warn if it was slow."""
         stats = DatabaseStats(scope, self)
-        token = self.var.set(stats)
+        timed = send
         if self.server_timing:
 
-            async def send_timed(message: Message) -> None:
+            async def timed(message: Message) -> None:
                 if message["type"] == "http.response.start" and stats.statements:
                     message = _with_server_timing(message, stats)
                 await send(message)
 
-            timed: Send = send_timed
-        else:
-            timed = send
         try:
-            await serve(scope, receive, timed)
+            await self.counting(stats, serve(scope, receive, timed))
         finally:
-            stats.ended = True
-            self.var.reset(token)
-            threshold = self.slow_request_threshold
-            if threshold is not None and stats.statement_time > threshold:
-                logger.warning(
-                    "Slow database work in %s: %.3f s in %d statements "
-                    "(slow_request_threshold=%s), pool wait %.3f s, commit %.3f s; the slowest "
-                    "took %.3f s, from %s: %s",
-                    stats.route(),
-                    stats.statement_time,
-                    stats.statements,
-                    threshold,
-                    stats.pool_wait,
-                    stats.commit_time,
-                    stats.slowest,
-                    stats.slowest_location,
-                    _clip(shape(stats.slowest_statement)),
-                    extra={"route": stats.route(), "statement": stats.slowest_statement},
-                )
+            self._warn_if_slow(stats)
+
+    def _warn_if_slow(self, stats: DatabaseStats) -> None:
+        threshold = self.slow_request_threshold
+        if threshold is not None and stats.statement_time > threshold:
+            logger.warning(
+                "Slow database work in %s: %.3f s in %d statements "
+                "(slow_request_threshold=%s), pool wait %.3f s, commit %.3f s; the slowest "
+                "took %.3f s, from %s: %s",
+                stats.route(),
+                stats.statement_time,
+                stats.statements,
+                threshold,
+                stats.pool_wait,
+                stats.commit_time,
+                stats.slowest,
+                stats.slowest_location,
+                _clip(shape(stats.slowest_statement)),
+                extra={"route": stats.route(), "statement": stats.slowest_statement},
+            )
 
     async def websocket(
         self,
@@ -389,10 +388,14 @@ class Observer:
         receive: Receive,
         send: Send,
     ) -> None:
-        stats = DatabaseStats(scope, self)
+        """Serve one websocket connection with figures of its own."""
+        await self.counting(DatabaseStats(scope, self), serve(scope, receive, send))
+
+    async def counting(self, stats: DatabaseStats, work: Awaitable[None]) -> None:
+        """Await ``work`` with ``stats`` current; they end with it."""
         token = self.var.set(stats)
         try:
-            await serve(scope, receive, send)
+            await work
         finally:
             stats.ended = True
             self.var.reset(token)
