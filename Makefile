@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-sqlite lint typecheck check databases compat-venv clean
+.PHONY: demo test test-sqlite lint typecheck check databases compat-venv clean docs
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,23 @@ test-sqlite: $(BIN)/.installed compat-venv
 compat-venv:
 	@scripts/compat-venv.sh || [ -z "$$CI" ]
 
+# The documentation site gets an environment of its own: Sphinx, furo and MyST.
+.venv-docs/bin/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-docs
+	.venv-docs/bin/python -m pip install --quiet --upgrade pip
+	.venv-docs/bin/python -m pip install --quiet -e '.[docs]'
+	touch $@
+
+## docs: build the documentation site into docs/_build/html (warnings are errors); open its
+## index.html, or `python3 -m http.server -d docs/_build/html`
+docs: .venv-docs/bin/.installed
+	rm -rf docs/_build
+	.venv-docs/bin/sphinx-build -W --keep-going -q -c docs -b html . docs/_build/html
+	@# The site is built from the repository root; its front page is docs/index.html.
+	@printf '<!doctype html><meta http-equiv="refresh" content="0; url=docs/index.html">\n' \
+		> docs/_build/html/index.html
+	@echo "The site is in docs/_build/html/index.html"
+
 ## databases: start PostgreSQL and MariaDB if they are down; create the test databases
 databases:
 	scripts/databases.sh
@@ -50,7 +67,7 @@ typecheck: $(BIN)/.installed
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) .venv-* .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-* .mypy_cache .ruff_cache .pytest_cache docs/_build
 
 ## bench: the benchmark suite (docs/performance.md); BENCH_ROUNDS=7 for a steadier run
 .PHONY: bench

@@ -352,3 +352,19 @@ def test_docs_example_runs_as_described(name: str, tmp_path: Path) -> None:
         if binding is not None:  # a failed check must not leave the shared proxy bound
             asyncio.run(binding.owner.dispose())  # type: ignore[attr-defined]
     assert db._binding is None, "the example left the proxy bound"
+
+
+def test_the_api_reference_documents_every_public_name() -> None:
+    """docs/api.md names each public name (the errors through their module), so the site's
+    reference cannot silently miss one."""
+    import fastapi_async_sqlalchemy
+    import fastapi_async_sqlalchemy.exceptions
+    import fastapi_async_sqlalchemy.testing
+
+    reference = (ROOT / "docs" / "api.md").read_text()
+    assert ".. automodule:: fastapi_async_sqlalchemy.exceptions" in reference
+    assert ".. automodule:: fastapi_async_sqlalchemy.testing" in reference
+    errors = set(fastapi_async_sqlalchemy.exceptions.__all__)
+    aliases = {"DBSessionType", "__version__"}  # DBSessionType is DBSessionMeta
+    for name in set(fastapi_async_sqlalchemy.__all__) - errors - aliases:
+        assert f"fastapi_async_sqlalchemy.{name}\n" in reference, f"{name} is not in docs/api.md"
