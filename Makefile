@@ -42,8 +42,8 @@ compat-venv:
 	.venv-docs/bin/python -m pip install --quiet -e '.[docs]'
 	touch $@
 
-## docs: build the documentation site into docs/_build/html (warnings are errors); open its
-## index.html, or `python3 -m http.server -d docs/_build/html`
+## docs: build the documentation site into docs/_build/html (warnings are errors), then check
+## it in headless Chromium; open its index.html, or `python3 -m http.server -d docs/_build/html`
 docs: .venv-docs/bin/.installed
 	rm -rf docs/_build
 	.venv-docs/bin/sphinx-build -W --keep-going -q -c docs -b html . docs/_build/html
@@ -51,6 +51,8 @@ docs: .venv-docs/bin/.installed
 	@printf '<!doctype html><meta http-equiv="refresh" content="0; url=docs/index.html">\n' \
 		> docs/_build/html/index.html
 	@echo "The site is in docs/_build/html/index.html"
+	@scripts/chromium.sh || [ -z "$$CI" ]
+	$(PYTHON) scripts/check_site.py
 
 ## databases: start PostgreSQL and MariaDB if they are down; create the test databases
 databases:
