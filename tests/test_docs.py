@@ -11,6 +11,8 @@ import contextlib
 import io
 import logging
 import re
+import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,11 @@ def run_example(name: str, tmp_path: Path) -> tuple[dict[str, Any], str]:
     code = SQLITE_FILE.sub(
         lambda m: f"sqlite+aiosqlite:///{tmp_path / m['file']}", examples()[name]
     )
-    namespace: dict[str, Any] = {"__name__": f"docs_example_{name.replace('-', '_')}"}
+    # A module of its own, as a file of the reader's would be (Pydantic's generic models look
+    # their module up in sys.modules).
+    module = types.ModuleType(f"docs_example_{name.replace('-', '_')}")
+    sys.modules[module.__name__] = module
+    namespace: dict[str, Any] = module.__dict__
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(code, f"<example {name}>", "exec", dont_inherit=True), namespace)
@@ -298,6 +304,69 @@ async def check_opentelemetry(ns: dict[str, Any], printed: str) -> None:
     provider.shutdown()
 
 
+async def check_recipe_depends(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        await execute("CREATE TABLE tags (name TEXT UNIQUE)")
+        assert (await client.post("/tags/red")).status_code == 200
+        assert (await client.post("/tags/blue")).status_code == 200
+        assert (await client.get("/tags")).json() == ["blue", "red"]
+
+
+async def check_recipe_worker(ns: dict[str, Any], printed: str) -> None:
+    await ns["on_startup"]({})
+    try:
+        await execute(
+            "CREATE TABLE orders (id INTEGER PRIMARY KEY, invoiced INTEGER DEFAULT 0)",
+            "INSERT INTO orders (id) VALUES (1), (2)",
+        )
+        await ns["send_invoice"]({}, 1)
+        assert await scalar("SELECT group_concat(invoiced) FROM orders") == "1,0"
+    finally:
+        await ns["on_shutdown"]({})
+
+
+async def check_recipe_pagination(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        await execute(
+            "CREATE TABLE books (id INTEGER PRIMARY KEY, title TEXT)",
+            "INSERT INTO books (title) VALUES ('a'), ('b'), ('c')",
+        )
+        page = (await client.get("/books", params={"page": 2, "size": 2})).json()
+    assert page["total"] == 3
+    assert page["items"] == [{"id": 3, "title": "c"}]
+
+
+async def check_recipe_sqlmodel(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        async with db(commit_on_exit=True):
+            connection = await db.session.connection()
+            await connection.run_sync(ns["Hero"].__table__.create)
+        created = (await client.post("/heroes", json={"name": "Deadpond"})).json()
+        assert created == {"id": 1, "name": "Deadpond"}
+        assert (await client.get("/heroes")).json() == [{"id": 1, "name": "Deadpond"}]
+
+
+async def check_recipe_tenants(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        for tenant_db in ns["tenants"].values():
+            async with tenant_db(commit_on_exit=True):
+                await tenant_db.session.execute(text("CREATE TABLE notes (body TEXT)"))
+        await client.post("/notes", params={"body": "for acme"}, headers={"x-tenant": "acme"})
+        assert (await client.get("/notes", headers={"x-tenant": "acme"})).json() == ["for acme"]
+        assert (await client.get("/notes", headers={"x-tenant": "globex"})).json() == []
+        assert (await client.get("/notes", headers={"x-tenant": "initech"})).status_code == 404
+
+
+async def check_recipe_streaming(ns: dict[str, Any], printed: str) -> None:
+    async with serve(ns["app"]) as client:
+        await execute(
+            "CREATE TABLE people (id INTEGER PRIMARY KEY, name TEXT)",
+            "INSERT INTO people (name) VALUES ('ada'), ('grace')",
+        )
+        response = await client.get("/export.csv")
+    assert response.text == "id,name\n1,ada\n2,grace\n"
+
+
 async def check_errors(ns: dict[str, Any], printed: str) -> None:
     assert "async with db():" in printed
 
@@ -331,6 +400,12 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], Any]] = {
     "server-timing": check_server_timing,
     "n-plus-one": check_n_plus_one,
     "opentelemetry": check_opentelemetry,
+    "recipe-depends": check_recipe_depends,
+    "recipe-worker": check_recipe_worker,
+    "recipe-pagination": check_recipe_pagination,
+    "recipe-sqlmodel": check_recipe_sqlmodel,
+    "recipe-tenants": check_recipe_tenants,
+    "recipe-streaming": check_recipe_streaming,
 }
 
 
