@@ -12,6 +12,7 @@ import io
 import logging
 import re
 import sys
+import tempfile
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -325,6 +326,46 @@ async def check_recipe_worker(ns: dict[str, Any], printed: str) -> None:
         await ns["on_shutdown"]({})
 
 
+ALEMBIC_ENV = """
+from alembic import context
+
+config = context.config
+connection = config.attributes["connection"]
+context.configure(connection=connection, target_metadata=None)
+with context.begin_transaction():
+    context.run_migrations()
+"""
+
+ALEMBIC_VERSION = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+
+
+def upgrade() -> None:
+    op.create_table("accounts", sa.Column("id", sa.Integer, primary_key=True))
+"""
+
+
+async def check_recipe_alembic(ns: dict[str, Any], printed: str) -> None:
+    with tempfile.TemporaryDirectory() as where:
+        await _migrate_at_startup(ns, Path(where))
+
+
+async def _migrate_at_startup(ns: dict[str, Any], folder: Path) -> None:
+    (folder / "migrations" / "versions").mkdir(parents=True)
+    (folder / "alembic.ini").write_text(f"[alembic]\nscript_location = {folder / 'migrations'}\n")
+    (folder / "migrations" / "env.py").write_text(ALEMBIC_ENV)
+    (folder / "migrations" / "script.py.mako").write_text("")
+    (folder / "migrations" / "versions" / "0001_accounts.py").write_text(ALEMBIC_VERSION)
+    with contextlib.chdir(folder):  # alembic.ini is found where the app starts
+        async with serve(ns["app"]):
+            assert await scalar("SELECT version_num FROM alembic_version") == "0001"
+            assert await scalar("SELECT count(*) FROM accounts") == 0
+
+
 async def check_recipe_pagination(ns: dict[str, Any], printed: str) -> None:
     async with serve(ns["app"]) as client:
         await execute(
@@ -402,6 +443,7 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], Any]] = {
     "opentelemetry": check_opentelemetry,
     "recipe-depends": check_recipe_depends,
     "recipe-worker": check_recipe_worker,
+    "recipe-alembic": check_recipe_alembic,
     "recipe-pagination": check_recipe_pagination,
     "recipe-sqlmodel": check_recipe_sqlmodel,
     "recipe-tenants": check_recipe_tenants,
