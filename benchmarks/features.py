@@ -99,16 +99,26 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         await middleware.dispose()
     print(f"µs per transaction on {middleware.engine.dialect.name}, median of {args.rounds}:")
+    report(results)
+
+
+def report(results: dict[str, dict[str, float]]) -> None:
+    """One line per comparison: the CPU medians and their difference, the wall difference."""
+    width = max(map(len, results), default=0) + 2
     for name, figures in results.items():
         print(
-            f"  {name:18} CPU {figures['base_cpu']:8.1f} -> {figures['feature_cpu']:8.1f} "
-            f"({figures['diff_cpu']:+.1f})   wall {figures['diff_wall']:+.1f}"
+            f"  {name:{width}} CPU {figures['base_cpu']:8.2f} -> {figures['feature_cpu']:8.2f} "
+            f"({figures['diff_cpu']:+.2f})   wall {figures['diff_wall']:+.2f}"
         )
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(description: str | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--url", default="sqlite+aiosqlite://")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=15)
-    asyncio.run(main(parser.parse_args()))
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(arguments(__doc__)))

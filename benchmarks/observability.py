@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
-from features import compare
+from features import arguments, compare, report
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.orm import Session
 
@@ -155,16 +155,8 @@ async def main(args: argparse.Namespace) -> None:
         f"{hook['base_ns'] + hook['diff_ns']:.0f} ns ({hook['diff_ns']:+.0f} ns a statement)"
     )
     print(f"µs on {args.url.split(':')[0]}, median of {args.rounds} batches of {args.count}:")
-    for name, figures in results.items():
-        print(
-            f"  {name:24} CPU {figures['base_cpu']:8.2f} -> {figures['feature_cpu']:8.2f} "
-            f"({figures['diff_cpu']:+.2f})   wall {figures['diff_wall']:+.2f}"
-        )
+    report(results)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--url", default="sqlite+aiosqlite://")
-    parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=15)
-    asyncio.run(main(parser.parse_args()))
+    asyncio.run(main(arguments(__doc__)))
