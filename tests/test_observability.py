@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Database, items, make_app, new_item, serve, websocket_scope
-from fastapi import WebSocket
+from fastapi import FastAPI, WebSocket
 from fastapi.responses import StreamingResponse
 from sqlalchemy import ForeignKey, String, event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncAttrs, create_async_engine
@@ -18,6 +18,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from fastapi_async_sqlalchemy import (
     DatabaseStats,
+    DBSessionMeta,
     InvalidConfigurationError,
     MissingSessionError,
     NPlusOneError,
@@ -176,6 +177,25 @@ async def test_no_bleed_between_fifty_concurrent_requests(database: Database) ->
     assert [response.json() for response in responses] == counts
 
 
+async def test_the_wait_for_a_pool_connection_is_measured(database: Database) -> None:
+    app, db = make_app(database, stats=True, engine_args={"pool_size": 1, "max_overflow": 0})
+    seen: dict[str, float] = {}
+
+    @app.get("/")
+    async def index() -> None:
+        await db.session.execute(COUNT_ITEMS)  # waits for the pool's only connection
+        await db.session.execute(COUNT_ITEMS)  # already connected: no wait
+        seen["pool_wait"] = db.stats.pool_wait
+
+    async with serve(app) as client:
+        async with db.engine.connect() as holder:
+            await holder.execute(COUNT_ITEMS)
+            request = asyncio.create_task(client.get("/"))
+            await asyncio.sleep(0.3)
+        assert (await request).status_code == 200
+    assert 0.25 <= seen["pool_wait"] < 5
+
+
 async def test_a_block_outside_a_request_has_its_own_figures(database: Database) -> None:
     app, db = make_app(database, stats=True)
     async with serve(app):
@@ -228,10 +248,9 @@ async def test_server_timing_on_responses_that_used_the_database(database: Datab
 # -- N+1 and slow requests -----------------------------------------------------------------------
 
 
-async def test_an_n_plus_one_loop_is_one_warning(
-    library: Database, caplog: pytest.LogCaptureFixture
-) -> None:
-    app, db = make_app(library, n_plus_one_threshold=10)
+def lazy_loading_app(library: Database, **options: Any) -> tuple[FastAPI, DBSessionMeta]:
+    """An app whose GET /authors lazy-loads each author's books: one SELECT per author."""
+    app, db = make_app(library, **options)
 
     @app.get("/authors")
     async def authors() -> int:
@@ -240,10 +259,21 @@ async def test_an_n_plus_one_loop_is_one_warning(
             total += len(await author.awaitable_attrs.books)  # one SELECT per author
         return total
 
+    return app, db
+
+
+def warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if text in record.getMessage()]
+
+
+async def test_an_n_plus_one_loop_is_one_warning(
+    library: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, _ = lazy_loading_app(library, n_plus_one_threshold=10)
     async with serve(app) as client:
         with caplog.at_level(logging.WARNING, logger="fastapi_async_sqlalchemy"):
             assert (await client.get("/authors")).json() == 20
-    records = [record for record in caplog.records if "N+1" in record.getMessage()]
+    records = warnings_about(caplog, "N+1")
     assert len(records) == 1
     message = records[0].getMessage()
     assert "GET /authors" in message
@@ -253,15 +283,7 @@ async def test_an_n_plus_one_loop_is_one_warning(
 
 
 async def test_n_plus_one_raise_fails_the_request(library: Database) -> None:
-    app, db = make_app(library, n_plus_one_threshold=5, n_plus_one="raise")
-
-    @app.get("/authors")
-    async def authors() -> int:
-        total = 0
-        for author in await db.session.scalars(select(Author).order_by(Author.id)):
-            total += len(await author.awaitable_attrs.books)
-        return total
-
+    app, db = lazy_loading_app(library, n_plus_one_threshold=5, n_plus_one="raise")
     async with serve(app) as client:
         assert (await client.get("/authors")).status_code == 500
         # In a test that lets app errors through, the error itself:
@@ -287,7 +309,7 @@ async def test_no_warning_below_the_threshold(
     async with serve(app) as client:
         with caplog.at_level(logging.WARNING, logger="fastapi_async_sqlalchemy"):
             assert (await client.get("/some")).json() == 10
-    assert not [record for record in caplog.records if "N+1" in record.getMessage()]
+    assert not warnings_about(caplog, "N+1")
 
 
 def test_statement_shapes_collapse_in_lists_and_placeholders() -> None:
@@ -322,7 +344,7 @@ async def test_a_slow_request_is_one_warning(
         with caplog.at_level(logging.WARNING, logger="fastapi_async_sqlalchemy"):
             await client.get("/slow")
             await client.get("/static")
-    records = [record for record in caplog.records if "Slow database work" in record.getMessage()]
+    records = warnings_about(caplog, "Slow database work")
     assert len(records) == 1
     message = records[0].getMessage()
     assert "GET /slow" in message
@@ -399,7 +421,7 @@ async def test_a_task_outliving_its_request_counts_on_its_own(
             assert (await client.post("/start")).status_code == 200
             await asyncio.wait_for(done.wait(), 10)
     assert figures == [1] * 6
-    assert not [record for record in caplog.records if "N+1" in record.getMessage()]
+    assert not warnings_about(caplog, "N+1")
 
 
 async def test_the_apps_own_statement_listeners_still_run(database: Database) -> None:

@@ -25,7 +25,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from fastapi_async_sqlalchemy import DBSessionMeta, create_middleware_and_session_proxy
-from fastapi_async_sqlalchemy.testing import IsolationError, capture_on_commit_callbacks, isolated
+from fastapi_async_sqlalchemy.testing import (
+    IsolationError,
+    assert_num_queries,
+    capture_on_commit_callbacks,
+    isolated,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -219,6 +224,17 @@ async def test_the_apps_own_savepoints(target: Target) -> None:
         assert response.json() == ["after", "kept"]
         assert (await client.get("/items")).json() == ["after", "kept"]
     assert await target.committed() == []
+
+
+async def test_query_counts_see_only_the_apps_statements(target: Target) -> None:
+    """The test connection opens inside the block (its BEGIN or START TRANSACTION, and the
+    savepoints): only the request's INSERT and the block's SELECT are counted."""
+    app, db = app_on(target)
+    async with client_for(app) as client, isolated():
+        with assert_num_queries(2) as sent:
+            assert (await client.post("/items/counted")).status_code == 200
+            assert await names_in(db) == ["counted"]
+    assert [query.statement.split()[0].upper() for query in sent] == ["INSERT", "SELECT"]
 
 
 async def test_expire_on_commit_as_in_production(target: Target) -> None:

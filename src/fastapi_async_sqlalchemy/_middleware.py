@@ -135,6 +135,8 @@ class BaseSQLAlchemyMiddleware:
             if self.max_concurrent_requests is not None
             else None
         )
+        # How an HTTP request is served, chosen once: through admission control or not.
+        self._serve_http = self._http if self._admission is None else self._admitted_http
         self._saturation = (
             SaturationWarning(
                 self.engine, self.pool_warn_threshold, self.pool_warn_interval, logger
@@ -167,11 +169,9 @@ class BaseSQLAlchemyMiddleware:
             if self.exclude_paths and scope.get("path") in self.exclude_paths:
                 await self.app(scope, receive, send)
             elif self._observer is not None:
-                await self._observer.http(self._any_http, scope, receive, send)
-            elif self._admission is None:
-                await self._http(scope, receive, send)
+                await self._observer.http(self._serve_http, scope, receive, send)
             else:
-                await self._admitted_http(self._admission, scope, receive, send)
+                await self._serve_http(scope, receive, send)
         elif kind == "websocket":
             if self._observer is not None:
                 await self._observer.websocket(self._websocket, scope, receive, send)
@@ -196,15 +196,9 @@ class BaseSQLAlchemyMiddleware:
         finally:
             restore(var, token, request)
 
-    async def _any_http(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
-        if self._admission is None:
-            await self._http(scope, receive, send)
-        else:
-            await self._admitted_http(self._admission, scope, receive, send)
-
-    async def _admitted_http(
-        self, admission: Admission, scope: ASGIScope, receive: Receive, send: Send
-    ) -> None:
+    async def _admitted_http(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
+        admission = self._admission
+        assert admission is not None  # _serve_http is this method only with admission control
         permit = await admission.admit()
         if permit is None:
             await admission.refuse(send)

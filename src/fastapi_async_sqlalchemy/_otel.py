@@ -91,27 +91,32 @@ class Telemetry:
         """The engine is disposed: its pool is no longer reported."""
         _reported.discard(self)
 
-    def observations(self) -> dict[str, list[metrics.Observation]]:
+    def count(self) -> list[metrics.Observation]:
         status = pool_status(self.engine)
+        if status["checked_out"] is None:
+            return []
         pool = {"db.client.connection.pool.name": self.pool_name}
-        found: dict[str, list[metrics.Observation]] = {"count": [], "max": [], "pending": []}
-        if status["checked_out"] is not None:
-            found["count"] = [
-                metrics.Observation(
-                    status["checked_in"], {**pool, "db.client.connection.state": "idle"}
-                ),
-                metrics.Observation(
-                    status["checked_out"], {**pool, "db.client.connection.state": "used"}
-                ),
-            ]
-        if status["capacity"] is not None:
-            found["max"] = [metrics.Observation(status["capacity"], pool)]
+        return [
+            metrics.Observation(
+                status["checked_in"], {**pool, "db.client.connection.state": "idle"}
+            ),
+            metrics.Observation(
+                status["checked_out"], {**pool, "db.client.connection.state": "used"}
+            ),
+        ]
+
+    def capacity(self) -> list[metrics.Observation]:
+        capacity = pool_status(self.engine)["capacity"]
+        if capacity is None:
+            return []
+        return [metrics.Observation(capacity, {"db.client.connection.pool.name": self.pool_name})]
+
+    def pending(self) -> list[metrics.Observation]:
         # SQLAlchemy's asyncio pools queue their waiters in an asyncio.Queue, made on first use.
         made = getattr(getattr(self.engine.pool, "_pool", None), "__dict__", {})
         getters = getattr(made.get("_queue"), "_getters", None) or ()
         waiting = sum(1 for getter in list(getters) if not getter.done())
-        found["pending"] = [metrics.Observation(waiting, pool)]
-        return found
+        return [metrics.Observation(waiting, {"db.client.connection.pool.name": self.pool_name})]
 
 
 # Every engine reported, by instruments made once per meter: a meter keeps the first callbacks
@@ -132,7 +137,7 @@ def _instruments() -> None:
         pass
     for name, key, unit, description in (
         ("db.client.connection.count", "count", "{connection}", "Connections, by state."),
-        ("db.client.connection.max", "max", "{connection}", "The most connections allowed."),
+        ("db.client.connection.max", "capacity", "{connection}", "The most connections allowed."),
         (
             "db.client.connection.pending_requests",
             "pending",
@@ -148,6 +153,6 @@ def _instruments() -> None:
 def _observe(key: str) -> Any:
     def callback(options: Any) -> Iterator[metrics.Observation]:
         for telemetry in list(_reported):
-            yield from telemetry.observations()[key]
+            yield from getattr(telemetry, key)()
 
     return callback

@@ -355,14 +355,15 @@ class ExplicitScope:
 
     async def __aenter__(self) -> DBSessionMeta:
         proxy = self._proxy
+        binding = proxy._require_binding()
         if DEADLINE in self._session_args.get("info", ()):
-            install_deadlines(proxy._require_binding().engine)
+            install_deadlines(binding.engine)
         factory = proxy._factory(self._session_args)
         scope: Scope
         if self._multi:
             scope = MultiScope(
                 factory,
-                proxy._require_binding().engine,
+                binding.engine,
                 self._commit_on_exit,
                 self._max_concurrent,
                 self._pool_timeout,
@@ -371,11 +372,9 @@ class ExplicitScope:
             scope = Scope(factory)
             if self._pool_timeout is not None:
                 # The deadline is for getting a connection, so get it now.
-                scope.session = await open_within(
-                    factory, proxy._require_binding().engine, self._pool_timeout
-                )
+                scope.session = await open_within(factory, binding.engine, self._pool_timeout)
         counted = None
-        observer = proxy._require_binding().observer
+        observer = binding.observer
         if observer is not None and observer.active and observer.current() is None:
             # A block of its own: outside a request, or in a task that outlived its request.
             counted = proxy._stats.set(DatabaseStats(None, observer))

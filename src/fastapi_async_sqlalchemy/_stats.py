@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from ._config import default_session_class
-from ._types import ASGIScope, Message, Receive, Send
+from ._types import ASGIApp, ASGIScope, Message, Receive, Send
 from ._where import caller
 from .exceptions import NPlusOneError
 
@@ -141,6 +141,17 @@ class Observer:
         self.engine: AsyncEngine | None = None
         self.active = False  # its listeners are installed
         self._classes: dict[type[Session], type[Session]] = {}
+        # The statement hooks by event name (each must find itself among the event's listeners).
+        self._hooks: dict[str, Callable[..., bool]] = {
+            "do_execute": self._do_execute,
+            "do_executemany": self._do_executemany,
+            "do_execute_no_params": self._do_execute_no_params,
+        }
+        self._listeners: list[tuple[str, Callable[..., Any]]] = [
+            *self._hooks.items(),
+            ("checkout", self._checkout),
+            ("commit", self._committed),
+        ]
 
     # -- the engine's listeners ---------------------------------------------------------------
 
@@ -149,13 +160,9 @@ class Observer:
         if self.telemetry is not None:
             self.telemetry.start()
         sync_engine = engine.sync_engine
-        if event.contains(sync_engine, "do_execute", self._do_execute):
-            return
-        event.listen(sync_engine, "do_execute", self._do_execute)
-        event.listen(sync_engine, "do_executemany", self._do_executemany)
-        event.listen(sync_engine, "do_execute_no_params", self._do_execute_no_params)
-        event.listen(sync_engine, "checkout", self._checkout)
-        event.listen(sync_engine, "commit", self._committed)
+        if not event.contains(sync_engine, "do_execute", self._do_execute):
+            for name, listener in self._listeners:
+                event.listen(sync_engine, name, listener)
         self.active = True
 
     def detach(self) -> None:
@@ -163,15 +170,11 @@ class Observer:
         if self.telemetry is not None:
             self.telemetry.stop()
         engine = self.engine
-        if engine is None:
-            return
-        sync_engine = engine.sync_engine
-        if event.contains(sync_engine, "do_execute", self._do_execute):
-            event.remove(sync_engine, "do_execute", self._do_execute)
-            event.remove(sync_engine, "do_executemany", self._do_executemany)
-            event.remove(sync_engine, "do_execute_no_params", self._do_execute_no_params)
-            event.remove(sync_engine, "checkout", self._checkout)
-            event.remove(sync_engine, "commit", self._committed)
+        if engine is not None and event.contains(
+            engine.sync_engine, "do_execute", self._do_execute
+        ):
+            for name, listener in self._listeners:
+                event.remove(engine.sync_engine, name, listener)
 
     def _do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
         return self._timed(
@@ -200,7 +203,7 @@ class Observer:
             return False  # not observed here; or the dialect's set-up of a new connection
         self._before(stats, statement)
         dialect = context.dialect
-        mine = getattr(self, f"_{kind}")
+        mine = self._hooks[kind]
         start = perf_counter()
         try:
             # Saying "handled" skips the listeners added after this one: run them here.
@@ -228,7 +231,8 @@ class Observer:
             self._n_plus_one(stats, key, count)
 
     def _after(self, stats: DatabaseStats, statement: str, elapsed: float) -> None:
-        self.asked.set(None)  # a checkout from now on was not asked for by a session
+        if self.asked.get() is not None:
+            self.asked.set(None)  # a checkout from now on was not asked for by a session
         stats.statements += 1
         stats.statement_time += elapsed
         threshold = self.slow_request_threshold
@@ -283,10 +287,12 @@ class Observer:
         observer, asked, telemetry = self, self.asked, self.telemetry
 
         def get_bind(self: Session, *args: Any, **kw: Any) -> Any:
-            if observer.current() is not None:
+            bind = base.get_bind(self, *args, **kw)
+            if observer.current() is not None and not _connected(self, bind):
+                # A connection is about to be checked out: the pool wait starts now.
                 span = self.info.get(SPAN) if telemetry is not None else None
                 asked.set((perf_counter(), time.time_ns() if span is not None else 0, span))
-            return base.get_bind(self, *args, **kw)
+            return bind
 
         def commit(self: Session) -> None:
             stats = observer.current()
@@ -342,7 +348,7 @@ class Observer:
 
     async def http(
         self,
-        serve: Callable[[ASGIScope, Receive, Send], Awaitable[None]],
+        serve: ASGIApp,
         scope: ASGIScope,
         receive: Receive,
         send: Send,
@@ -383,7 +389,7 @@ class Observer:
 
     async def websocket(
         self,
-        serve: Callable[[ASGIScope, Receive, Send], Awaitable[None]],
+        serve: ASGIApp,
         scope: ASGIScope,
         receive: Receive,
         send: Send,
@@ -399,6 +405,12 @@ class Observer:
         finally:
             stats.ended = True
             self.var.reset(token)
+
+
+def _connected(session: Session, bind: Any) -> bool:
+    """Whether the session's transaction already has its connection for ``bind``."""
+    transaction = session.get_transaction()
+    return transaction is not None and bind in getattr(transaction, "_connections", ())
 
 
 def _holds_connection(session: Session) -> bool:

@@ -20,6 +20,21 @@ from sqlalchemy.engine import make_url
 from fastapi_async_sqlalchemy import PoolTimeoutError, create_middleware_and_session_proxy
 
 
+async def select_within(db, pool_timeout: float, bucket: float) -> dict:
+    """SELECT 1 in db(pool_timeout=...): what was raised, the deadline reported, how long."""
+    clock = Clock()
+    try:
+        async with db(pool_timeout=pool_timeout):
+            await db.session.execute(text("SELECT 1"))
+        result: dict = {"block": "ok"}
+    except Exception as exc:
+        result = {"raised": kinds(exc)}
+        if isinstance(exc, PoolTimeoutError):
+            result["timeout"] = str(exc.timeout)  # as a message or a log shows it
+    result["time"] = clock.bucket(bucket)
+    return result
+
+
 async def silent_server() -> dict:
     """The driver's own connect timeout against a server that never answers."""
     listener = socket.socket()
@@ -35,16 +50,7 @@ async def silent_server() -> dict:
     middleware = Middleware(
         FastAPI(), db_url=silent_url, engine_args={"connect_args": connect_args}
     )
-    clock = Clock()
-    try:
-        async with db(pool_timeout=pool_timeout):
-            await db.session.execute(text("SELECT 1"))
-        result: dict = {"block": "ok"}
-    except Exception as exc:
-        result = {"raised": kinds(exc)}
-        if isinstance(exc, PoolTimeoutError):
-            result["timeout"] = str(exc.timeout)  # as a message or a log shows it
-    result["time"] = clock.bucket(3)
+    result = await select_within(db, pool_timeout, bucket=3)
     await middleware.dispose()
     listener.close()
     return result
@@ -69,16 +75,7 @@ async def engine_deadline_first() -> dict:
 
     holder = asyncio.create_task(hold_the_only_connection())
     await holding.wait()
-    clock = Clock()
-    try:
-        async with db(pool_timeout=5):
-            await db.session.execute(text("SELECT 1"))
-        result: dict = {"block": "ok"}
-    except Exception as exc:
-        result = {"raised": kinds(exc)}
-        if isinstance(exc, PoolTimeoutError):
-            result["timeout"] = str(exc.timeout)  # as a message or a log shows it
-    result["time"] = clock.bucket(2)
+    result = await select_within(db, 5, bucket=2)
     release.set()
     await holder
     await middleware.dispose()

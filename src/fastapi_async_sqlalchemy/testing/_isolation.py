@@ -38,6 +38,7 @@ from .._config import check_seconds
 from .._greenlet import await_
 from .._where import caller as _caller
 from ..exceptions import FastAPIAsyncSQLAlchemyError
+from ._queries import KIT
 
 __all__ = ["IsolationError", "isolated"]
 
@@ -61,6 +62,8 @@ _IMPLICIT_COMMIT = re.compile(
 _TEMPORARY = re.compile(
     _LEAD + r"(CREATE(\s+OR\s+REPLACE)?|DROP)\s+TEMPORARY\s+TABLE\b", re.I | re.S
 )
+
+_KITS = {KIT: True}  # the kit's own statements: not the app's queries
 
 # The session factory's keywords that isolated() sets, and puts back after.
 _SWAPPED = ("sync_session_class", "join_transaction_mode")
@@ -192,13 +195,14 @@ class _Lane:
                 dbapi.isolation_level = None  # type: ignore[union-attr]
                 connection.begin()
                 if not connection.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
-                    connection.exec_driver_sql("BEGIN")  # unless a "begin" listener sent it
+                    # unless a "begin" listener sent it
+                    connection.exec_driver_sql("BEGIN", execution_options=_KITS)
             else:
                 connection.begin()
                 if connection.dialect.name in ("mysql", "mariadb"):
                     # Begun now, not at the first table touched: @@in_transaction then tells
                     # whether something committed it meanwhile.
-                    connection.exec_driver_sql("START TRANSACTION")
+                    connection.exec_driver_sql("START TRANSACTION", execution_options=_KITS)
         except BaseException:
             connection.invalidate()
             connection.close()
@@ -401,7 +405,9 @@ def _still_in_transaction(connection: Connection) -> bool:
         return str(driver.info.transaction_status.name) != "IDLE"  # type: ignore[union-attr]
     if name in ("mysql", "mariadb"):
         try:
-            value = connection.exec_driver_sql("SELECT @@in_transaction").scalar()
+            value = connection.exec_driver_sql(
+                "SELECT @@in_transaction", execution_options=_KITS
+            ).scalar()
         except Exception:  # MySQL has no @@in_transaction: nothing to check there
             return True
         return bool(value)

@@ -6,7 +6,7 @@ code that sent it. Async engines run statements in a greenlet whose own stack en
 SQLAlchemy: the caller is found by walking on into the parent greenlet's frames, where the
 awaiting coroutine is suspended. Savepoint statements (``SAVEPOINT``, ``RELEASE``,
 ``ROLLBACK TO``) are not counted: they are transaction bookkeeping, not the app's queries;
-neither is the ``BEGIN`` that ``isolated()`` sends on SQLite.
+neither are the statements ``isolated()`` sends itself (marked with the ``KIT`` option).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from .._where import caller
 
 __all__ = ["Queries", "Query", "assert_max_queries", "assert_num_queries", "capture_queries"]
 
-# Savepoints, and the BEGIN with which isolated() opens its transaction on SQLite.
-_BOOKKEEPING = re.compile(
-    r"\s*(SAVEPOINT|RELEASE\s+SAVEPOINT|ROLLBACK\s+TO\s+SAVEPOINT)\b|\s*BEGIN\s*$", re.I
-)
+_BOOKKEEPING = re.compile(r"\s*(SAVEPOINT|RELEASE\s+SAVEPOINT|ROLLBACK\s+TO\s+SAVEPOINT)\b", re.I)
+# The execution option that marks the testing kit's own statements (isolated() opening and
+# checking its transaction): never the app's queries.
+KIT = "fastapi_async_sqlalchemy.testing"
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,8 @@ def capture_queries() -> Iterator[Queries]:
     def record(
         connection: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
     ) -> None:
-        if not _BOOKKEEPING.match(statement):
+        kits = context is not None and context.execution_options.get(KIT)
+        if not kits and not _BOOKKEEPING.match(statement):
             recorded.queries.append(Query(statement, caller()))
 
     watched: list[Engine] = []
