@@ -76,7 +76,8 @@ def requests(client: httpx.AsyncClient) -> Any:
 
 
 def listener_cost(rounds: int, count: int = 5000) -> dict[str, float]:
-    """ns per statement that the observer's statement hook adds (median over rounds)."""
+    """ns per statement the observer adds, median over rounds: its statement hook alone
+    (``Connection.execute``), and the hook with its session class (``Session.execute``)."""
     var: ContextVar[DatabaseStats | None] = ContextVar("bench_stats", default=None)
     observer = Observer(
         var,
@@ -85,34 +86,33 @@ def listener_cost(rounds: int, count: int = 5000) -> dict[str, float]:
         n_plus_one_threshold=1_000_000,
         n_plus_one="warn",
     )
-    hooks = [
-        ("do_execute", observer._do_execute),
-        ("do_executemany", observer._do_executemany),
-        ("do_execute_no_params", observer._do_execute_no_params),
-    ]
+    hooks = [(name, hook) for name, hook in observer._listeners if name.startswith("do_")]
     engine = create_engine("sqlite://")
-    var.set(DatabaseStats())
+    var.set(DatabaseStats(None, observer))
 
-    def batch(connection: Any) -> float:
+    def batch(run: Any) -> float:
         started = time.perf_counter_ns()
         for _ in range(count):
-            connection.execute(SELECT_1)
+            run(SELECT_1)
         return (time.perf_counter_ns() - started) / count
 
-    bases, diffs = [], []
+    figures: dict[str, list[float]] = {"base": [], "hook": [], "session_base": [], "session": []}
+    plain, observed = Session(engine), observer.session_class(Session)(engine)
     with engine.connect() as connection:
-        batch(connection)
+        batch(connection.execute)
         for _ in range(rounds):
-            base = batch(connection)
+            figures["base"].append(batch(connection.execute))
+            figures["session_base"].append(batch(plain.execute))
             for name, hook in hooks:
                 event.listen(engine, name, hook)
-            observed = batch(connection)
+            figures["hook"].append(batch(connection.execute) - figures["base"][-1])
+            figures["session"].append(batch(observed.execute) - figures["session_base"][-1])
             for name, hook in hooks:
                 event.remove(engine, name, hook)
-            bases.append(base)
-            diffs.append(observed - base)
+    plain.close()
+    observed.close()
     engine.dispose()
-    return {"base_ns": statistics.median(bases), "diff_ns": statistics.median(diffs)}
+    return {name: statistics.median(values) for name, values in figures.items()}
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -149,10 +149,11 @@ async def main(args: argparse.Namespace) -> None:
             await client.aclose()
         for db in (plain_db, observed_db):
             await db._require_binding().owner.dispose()  # type: ignore[attr-defined]
-    hook = listener_cost(args.rounds)
+    cost = listener_cost(args.rounds)
     print(
-        f"statement hook alone (sync SQLite, SELECT 1): {hook['base_ns']:.0f} ns -> "
-        f"{hook['base_ns'] + hook['diff_ns']:.0f} ns ({hook['diff_ns']:+.0f} ns a statement)"
+        f"per statement on sync SQLite (SELECT 1, {cost['base']:.0f} ns): the hook alone "
+        f"{cost['hook']:+.0f} ns; through a Session ({cost['session_base']:.0f} ns), the hook "
+        f"and the session class {cost['session']:+.0f} ns"
     )
     print(f"µs on {args.url.split(':')[0]}, median of {args.rounds} batches of {args.count}:")
     report(results)

@@ -206,15 +206,17 @@ class Observer:
         mine = self._hooks[kind]
         start = perf_counter()
         try:
-            # Saying "handled" skips the listeners added after this one: run them here.
+            listeners = getattr(dialect.dispatch, kind)
             handled = after_mine = False
-            for listener in getattr(dialect.dispatch, kind):
-                if after_mine:
-                    if listener(*args):
-                        handled = True
-                        break
-                elif listener == mine:
-                    after_mine = True
+            if len(listeners) > 1:
+                # Saying "handled" skips the listeners added after this one: run them here.
+                for listener in listeners:
+                    if after_mine:
+                        if listener(*args):
+                            handled = True
+                            break
+                    elif listener == mine:
+                        after_mine = True
             if not handled:
                 getattr(dialect, kind)(*args)
         finally:
