@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-sqlite lint typecheck check databases compat-venv clean docs
+.PHONY: demo demo-replicas test test-sqlite lint typecheck check databases compat-venv clean docs
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,16 @@ $(BIN)/.installed: pyproject.toml
 ## demo: run the demo app on SQLite at http://127.0.0.1:8000 (no database server needed)
 demo: .venv-demo/bin/.installed
 	.venv-demo/bin/python examples/demo.py
+
+## demo-replicas: the demo on a local PostgreSQL primary with two streaming replicas (made and
+## started by scripts/replicas.sh); GET and HEAD requests read from the replicas
+PG_DEMO := postgresql+asyncpg://postgres@127.0.0.1
+demo-replicas: .venv-demo/bin/.installed
+	scripts/replicas.sh
+	.venv-demo/bin/python -m pip install --quiet asyncpg
+	DEMO_DATABASE_URL=$(PG_DEMO):5433/test \
+	DEMO_REPLICA_URLS=$(PG_DEMO):5434/test,$(PG_DEMO):5435/test \
+		.venv-demo/bin/python examples/demo.py
 
 ## test: the whole suite on SQLite, PostgreSQL and MariaDB (starts them and creates databases)
 test: $(BIN)/.installed databases compat-venv
@@ -54,9 +64,11 @@ docs: .venv-docs/bin/.installed
 	@scripts/chromium.sh || [ -z "$$CI" ]
 	$(PYTHON) scripts/check_site.py
 
-## databases: start PostgreSQL and MariaDB if they are down; create the test databases
+## databases: start PostgreSQL and MariaDB if they are down; create the test databases; create
+## and start the PostgreSQL primary with its streaming replicas and PgBouncer (scripts/replicas.sh)
 databases:
 	scripts/databases.sh
+	@scripts/replicas.sh || [ -z "$$CI" ]
 
 lint: $(BIN)/.installed
 	$(BIN)/python -m ruff check .

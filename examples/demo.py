@@ -6,6 +6,13 @@
     curl http://127.0.0.1:8000/stats
 
 DEMO_DATABASE_URL picks another database (e.g. postgresql+asyncpg://postgres@127.0.0.1/test).
+DEMO_REPLICA_URLS (comma-separated) adds read replicas: GET and HEAD requests read from them,
+and a client that wrote reads its writes back. `make demo-replicas` runs the demo on a local
+PostgreSQL primary with two streaming replicas (scripts/replicas.sh makes them):
+
+    curl -c jar -b jar -X POST 'http://127.0.0.1:8000/notes?text=hello'
+    curl -c jar -b jar http://127.0.0.1:8000/notes    # the token in `jar` reads the write back
+    curl http://127.0.0.1:8000/replicas
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from fastapi_async_sqlalchemy import SQLAlchemyMiddleware, db
 
 DATABASE_URL = os.environ.get("DEMO_DATABASE_URL", "sqlite+aiosqlite:///demo.sqlite3")
+REPLICA_URLS = [url for url in os.environ.get("DEMO_REPLICA_URLS", "").split(",") if url]
 
 
 class Base(DeclarativeBase):
@@ -54,7 +62,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 app = FastAPI(title="fastapi-async-sqlalchemy demo", lifespan=lifespan)
 # Commit each request's work when it answers below 400; roll back otherwise.
-app.add_middleware(SQLAlchemyMiddleware, db_url=DATABASE_URL, commit_on_exit=True)
+# With replicas, GET and HEAD requests read from one of them (writes move to the primary).
+replicas: dict[str, Any] = (
+    {"replica_urls": REPLICA_URLS, "replica_reads": ["GET", "HEAD"]} if REPLICA_URLS else {}
+)
+app.add_middleware(SQLAlchemyMiddleware, db_url=DATABASE_URL, commit_on_exit=True, **replicas)
 
 
 async def audit(note_id: int, action: str) -> None:
@@ -97,6 +109,12 @@ async def stats() -> dict[str, int]:
     async with db(multi_sessions=True, max_concurrent=2):
         notes, audits = await db.gather(count(Note), count(AuditEntry))
     return {"notes": notes, "audit_entries": audits}
+
+
+@app.get("/replicas")
+async def replica_status() -> list[dict[str, Any]]:
+    # What the background checks found: state, lag in seconds and bytes (empty: no replicas).
+    return db.replica_status()
 
 
 if __name__ == "__main__":

@@ -19,14 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import serve
+from conftest import serve, unused_app
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from replicas import BOUNCER_URL, PRIMARY_URL, REPLICA_URLS, caught_up, healthy, require
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
-from fastapi_async_sqlalchemy import db
+from fastapi_async_sqlalchemy import SQLAlchemyMiddleware, db
 from fastapi_async_sqlalchemy.testing import isolated
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -412,6 +415,67 @@ async def check_errors(ns: dict[str, Any], printed: str) -> None:
     assert "async with db():" in printed
 
 
+async def _notes_table(create: bool) -> None:
+    """The ``notes`` table of the scaling examples, on the local primary, replayed."""
+    require(PRIMARY_URL, *REPLICA_URLS)
+    engine = create_async_engine(PRIMARY_URL, poolclass=NullPool)
+    async with engine.begin() as connection:
+        await connection.execute(text("DROP TABLE IF EXISTS notes"))
+        if create:
+            await connection.execute(text("CREATE TABLE notes (id serial PRIMARY KEY, body text)"))
+            await connection.execute(text("INSERT INTO notes (body) VALUES ('first')"))
+    await engine.dispose()
+    await caught_up(REPLICA_URLS)
+
+
+async def check_scaling_replicas(ns: dict[str, Any], printed: str) -> None:
+    await _notes_table(True)
+    try:
+        async with serve(ns["app"]) as client:
+            await healthy(db)
+            assert [s["state"] for s in (await client.get("/health/replicas")).json()] == [
+                "healthy",
+                "healthy",
+            ]
+            assert (await client.get("/notes")).json() == {
+                "notes": ["first"],
+                "from_replica": True,
+            }
+            added = await client.post("/notes", params={"body": "second"})
+            assert added.headers["set-cookie"].startswith("db_position=")
+            # The writer reads its note back at once, wherever it can be read.
+            assert (await client.get("/notes")).json()["notes"] == ["first", "second"]
+    finally:
+        await _notes_table(False)
+
+
+async def check_scaling_replica_block(ns: dict[str, Any], printed: str) -> None:
+    await _notes_table(True)
+    middleware = SQLAlchemyMiddleware(
+        unused_app, db_url=PRIMARY_URL, replica_urls=REPLICA_URLS, replica_check_interval=0.05
+    )
+    try:
+        await healthy(db)
+        assert await ns["nightly_report"]() == 1
+        refusal = await ns["misplaced_write"]()
+        assert "open `async with db():`" in refusal
+        assert await scalar("SELECT count(*) FROM notes") == 1
+    finally:
+        await middleware.dispose()
+        await _notes_table(False)
+
+
+async def check_scaling_pgbouncer(ns: dict[str, Any], printed: str) -> None:
+    require(BOUNCER_URL)
+    async with serve(ns["app"]):
+        for _ in range(20):  # many transactions over PgBouncer's few server connections
+            async with db(commit_on_exit=True):
+                assert await db.session.scalar(text("SELECT 1")) == 1
+    async with ns["worker_engine"].connect() as connection:
+        assert await connection.scalar(text("SHOW statement_timeout")) == "0"
+    await ns["worker_engine"].dispose()
+
+
 CHECKS: dict[str, Callable[[dict[str, Any], str], Any]] = {
     "quickstart": check_quickstart,
     "outside-a-request": check_outside_a_request,
@@ -448,6 +512,9 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], Any]] = {
     "recipe-sqlmodel": check_recipe_sqlmodel,
     "recipe-tenants": check_recipe_tenants,
     "recipe-streaming": check_recipe_streaming,
+    "scaling-replicas": check_scaling_replicas,
+    "scaling-replica-block": check_scaling_replica_block,
+    "scaling-pgbouncer": check_scaling_pgbouncer,
 }
 
 

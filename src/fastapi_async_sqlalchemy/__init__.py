@@ -3,6 +3,7 @@
 # 0.8 code reaches `fastapi_async_sqlalchemy.middleware.X` after `import fastapi_async_sqlalchemy`.
 from . import middleware as middleware
 from ._factory import SQLAlchemyMiddleware, create_middleware_and_session_proxy, db
+from ._pgbouncer import pgbouncer_engine_args
 from ._proxy import DBSessionMeta
 from ._retry import is_retryable
 from ._stats import DatabaseStats
@@ -16,6 +17,7 @@ from .exceptions import (
     NPlusOneError,
     PoolTimeoutError,
     ProxyBindingError,
+    ReplicaWriteError,
     SessionFinalizedError,
     SessionNotInitialisedError,
     StatementTimeoutError,
@@ -39,6 +41,7 @@ __all__ = [
     "NPlusOneError",
     "PoolTimeoutError",
     "ProxyBindingError",
+    "ReplicaWriteError",
     "SQLAlchemyMiddleware",
     "SessionFinalizedError",
     "SessionNotInitialisedError",
@@ -48,4 +51,5 @@ __all__ = [
     "create_middleware_and_session_proxy",
     "db",
     "is_retryable",
+    "pgbouncer_engine_args",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy.engine import URL
@@ -20,14 +20,25 @@ from ._config import (
     check_seconds,
     check_session_args,
     check_url,
+    default_session_class,
     make_session_factory,
 )
 from ._deadlines import install as install_deadlines
 from ._deadlines import with_deadline
+from ._pgbouncer import pgbouncer_engine_args
 from ._pool import SaturationWarning
 from ._proxy import Binding, DBSessionMeta, restore
+from ._replicas import plan_replicas
 from ._request import WEBSOCKET_SCOPE_ENDED, RequestScope
-from ._scope import Scope, finalize, finalize_after, logger, watch_savepoint_roots
+from ._routing import Router, check_read_your_writes, routed
+from ._scope import (
+    Scope,
+    SessionFactory,
+    finalize,
+    finalize_after,
+    logger,
+    watch_savepoint_roots,
+)
 from ._stats import Observer, observed
 from ._types import ASGIApp, ASGIScope, Message, Receive, Send
 from .exceptions import InvalidConfigurationError, ProxyBindingError
@@ -69,6 +80,15 @@ class BaseSQLAlchemyMiddleware:
         n_plus_one_threshold: int | None = None,
         n_plus_one: str = "warn",
         opentelemetry: bool = False,
+        replica_urls: Iterable[str | URL] | None = None,
+        replica_engines: Iterable[AsyncEngine] | None = None,
+        replica_reads: Iterable[str] | Callable[[ASGIScope], bool] | None = None,
+        replica_max_lag: float | None = 5.0,
+        replica_check_interval: float = 1.0,
+        replica_wait: float = 0.01,
+        read_your_writes: str | None = "cookie",
+        read_your_writes_secret: str | bytes | None = None,
+        pgbouncer: bool = False,
     ) -> None:
         # Every check comes before anything is allocated: a refused construction leaves no
         # engine, no pool, and the proxy as it was.
@@ -95,6 +115,24 @@ class BaseSQLAlchemyMiddleware:
                 f"tests), not {n_plus_one!r}."
             )
         self.commit_on_exit = bool(commit_on_exit)
+        replicas = plan_replicas(
+            custom_engine.dialect.name if custom_engine is not None else url.get_backend_name(),  # type: ignore[union-attr]
+            replica_urls,
+            replica_engines,
+            check_url,
+            max_lag=replica_max_lag,
+            check_interval=replica_check_interval,
+            wait=replica_wait,
+            reads=replica_reads,
+        )
+        check_read_your_writes(read_your_writes, read_your_writes_secret)
+        if pgbouncer:
+            if url is None:
+                raise InvalidConfigurationError(
+                    "pgbouncer=True sets up the engines the middleware creates from db_url; for "
+                    "custom_engine, create it with pgbouncer_engine_args(url) instead."
+                )
+            engine_args = pgbouncer_engine_args(url, engine_args)
         self.proxy._check_bindable(custom_engine)
 
         self.app = app
@@ -127,16 +165,30 @@ class BaseSQLAlchemyMiddleware:
                 telemetry=telemetry,
             )
             session_options = observed(session_options, self._observer)
-        self._binding = Binding(
-            self.engine, make_session_factory(self.engine, session_options), self, self._observer
+        if replicas is not None:
+            session_options = routed(session_options, default_session_class())
+        factory = make_session_factory(self.engine, session_options)
+        self._router = (
+            Router(
+                replicas.build(self.engine, lambda url: _create_engine(url, engine_args)),
+                factory,
+                self.proxy._name,
+                read_your_writes,
+                read_your_writes_secret,
+            )
+            if replicas is not None
+            else None
         )
+        self._binding = Binding(self.engine, factory, self, self._observer, self._router)
         self._admission = (
             Admission(self.max_concurrent_requests, self.request_queue_timeout)
             if self.max_concurrent_requests is not None
             else None
         )
-        # How an HTTP request is served, chosen once: through admission control or not.
-        self._serve_http = self._http if self._admission is None else self._admitted_http
+        # How an HTTP request is served, chosen once: through admission control or not, with
+        # replica routing or not.
+        self._handle = self._http if self._router is None else self._routed_http
+        self._serve_http = self._handle if self._admission is None else self._admitted_http
         self._saturation = (
             SaturationWarning(
                 self.engine, self.pool_warn_threshold, self.pool_warn_interval, logger
@@ -154,6 +206,8 @@ class BaseSQLAlchemyMiddleware:
             self._observer.attach(self.engine)
         if self._saturation is not None:
             self._saturation.attach()
+        if self._router is not None:
+            self._router.attach()
 
     def should_commit(self, status_code: int) -> bool:
         """Whether a request that ended with ``status_code`` commits (with ``commit_on_exit``).
@@ -182,8 +236,16 @@ class BaseSQLAlchemyMiddleware:
         else:
             await self.app(scope, receive, send)
 
-    async def _http(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
-        request = RequestScope(self._binding.factory, send, self.commit_on_exit, self.should_commit)
+    async def _http(
+        self,
+        scope: ASGIScope,
+        receive: Receive,
+        send: Send,
+        factory: SessionFactory | None = None,
+    ) -> None:
+        request = RequestScope(
+            factory or self._binding.factory, send, self.commit_on_exit, self.should_commit
+        )
         var = self.proxy._var
         token = var.set(request)
         try:
@@ -206,9 +268,14 @@ class BaseSQLAlchemyMiddleware:
         try:
             # The permit comes back with the response's last body message, before any
             # background task of the response runs.
-            await self._http(scope, receive, permit.send_through(send))
+            await self._handle(scope, receive, permit.send_through(send))
         finally:
             permit.release()
+
+    async def _routed_http(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
+        router = self._router
+        assert router is not None  # _handle is this method only with replicas
+        await router.http(self._http, scope, receive, send)
 
     async def _websocket(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         connection = Scope(self._binding.factory)
@@ -261,6 +328,8 @@ class BaseSQLAlchemyMiddleware:
             self._saturation.detach()
         if self._observer is not None:
             self._observer.detach()
+        if self._router is not None:
+            await self._router.detach()
         if not self.engine_owned:
             return  # the proxy stays bound to the caller's engine, as in 0.8
         self.proxy._unbind(self)

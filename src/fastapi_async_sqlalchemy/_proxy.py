@@ -37,6 +37,7 @@ from ._multi import (
 )
 from ._pool import pool_status
 from ._retry import run_in_transaction
+from ._routing import Router
 from ._scope import Scope, SessionFactory, finalize, finalize_after
 from ._stats import DatabaseStats, Observer
 from .exceptions import (
@@ -69,6 +70,7 @@ class Binding(NamedTuple):
     factory: async_sessionmaker[AsyncSession]
     owner: object
     observer: Observer | None = None
+    router: Router | None = None  # the owner's replicas (None: none)
 
 
 class DBSessionMeta:
@@ -158,6 +160,7 @@ class DBSessionMeta:
         max_concurrent: int | None = None,
         pool_timeout: float | None = None,
         statement_timeout: float | None = None,
+        replica: bool | None = None,
     ) -> ExplicitScope:
         """Open a session scope of its own: ``async with db(): ...``.
 
@@ -169,6 +172,13 @@ class DBSessionMeta:
         a deadline in seconds for getting a connection (and a slot). ``statement_timeout`` has
         the database stop any statement of the block's sessions that runs longer (seconds;
         ``StatementTimeoutError``), overriding the middleware's.
+
+        ``replica=True`` reads from one read replica of the middleware's ``replica_urls`` (or
+        the primary, while none is healthy), in read-only transactions: a write raises
+        ``ReplicaWriteError``. ``replica=False`` uses the primary. The default follows the
+        request: a block inside a request that ``replica_reads`` sends to a replica reads from
+        that same replica; elsewhere it uses the primary. Without replicas, every block uses
+        the primary.
         """
         # Without multi_sessions it has no effect, as in 0.8 (there is one session anyway).
         limit = check_positive_int("max_concurrent", max_concurrent)
@@ -183,6 +193,7 @@ class DBSessionMeta:
             bool(multi_sessions),
             limit,
             check_optional_seconds("pool_timeout", pool_timeout),
+            None if replica is None else bool(replica),
         )
 
     def connection(self, timeout: float | None = None) -> AbstractAsyncContextManager[AsyncSession]:
@@ -273,6 +284,15 @@ class DBSessionMeta:
             return await gather_children(scope, aws, return_exceptions)
         return list(await asyncio.gather(*aws, return_exceptions=return_exceptions))
 
+    def replica_status(self) -> list[dict[str, Any]]:
+        """What the last background check found of each replica (an empty list without
+        replicas): ``name`` (host:port/database), ``state`` (``"healthy"``, ``"lagging"``,
+        ``"down"``, ``"promoted"``, or ``"unknown"`` before the first check), ``lag_seconds``,
+        ``lag_bytes`` (PostgreSQL), ``checked_at`` (a ``time.time()``) and ``error``. Reads go
+        to healthy replicas only."""
+        router = self._require_binding().router
+        return [] if router is None else router.replicas.status()
+
     def pool_status(self) -> dict[str, Any]:
         """A snapshot of the pool: ``pool_class``, ``size``, ``max_overflow``, ``capacity``,
         ``checked_in``, ``checked_out``, ``available`` and ``saturation``."""
@@ -331,6 +351,7 @@ class ExplicitScope:
         "_multi",
         "_pool_timeout",
         "_proxy",
+        "_replica",
         "_session_args",
     )
 
@@ -342,8 +363,10 @@ class ExplicitScope:
         multi: bool,
         max_concurrent: int | None,
         pool_timeout: float | None,
+        replica: bool | None,
     ) -> None:
         self._proxy = proxy
+        self._replica = replica
         self._session_args = session_args
         self._commit_on_exit = commit_on_exit
         self._multi = multi
@@ -359,6 +382,8 @@ class ExplicitScope:
         if DEADLINE in self._session_args.get("info", ()):
             install_deadlines(binding.engine)
         factory = proxy._factory(self._session_args)
+        if binding.router is not None:
+            factory = binding.router.block(factory, self._replica)
         scope: Scope
         if self._multi:
             scope = MultiScope(

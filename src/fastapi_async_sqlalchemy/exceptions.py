@@ -14,7 +14,8 @@ Every error the library raises itself derives from one base class::
     ├── StatementTimeoutError          (also TimeoutError) a statement ran past statement_timeout
     ├── CommitCallbackError            an on_commit callback failed after its data was committed
     ├── TransactionStateError          (also RuntimeError) run_in_transaction() inside a transaction
-    └── NPlusOneError                  one statement ran too often in a request (n_plus_one="raise")
+    ├── NPlusOneError                  one statement ran too often in a request (n_plus_one="raise")
+    └── ReplicaWriteError              a write where reads go to a read replica
 
 Each message is one sentence that says what to do about it. Errors of SQLAlchemy and of the
 database driver (``IntegrityError``, ``OperationalError``, ...) are never wrapped: they reach the
@@ -35,6 +36,7 @@ __all__ = [
     "NPlusOneError",
     "PoolTimeoutError",
     "ProxyBindingError",
+    "ReplicaWriteError",
     "SessionFinalizedError",
     "SessionNotInitialisedError",
     "StatementTimeoutError",
@@ -183,3 +185,9 @@ class NPlusOneError(FastAPIAsyncSQLAlchemyError):
     """Raised, with ``n_plus_one="raise"``, by the statement that runs one statement shape more
     than ``n_plus_one_threshold`` times in one request: the message names the route, the line
     that sent it and the statement."""
+
+
+class ReplicaWriteError(FastAPIAsyncSQLAlchemyError):
+    """Raised for a write where reads go to a read replica: in ``async with db(replica=True):``,
+    or a statement refused by a replica's read-only transaction. Writes belong on the primary:
+    ``async with db():``."""

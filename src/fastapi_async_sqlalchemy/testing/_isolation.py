@@ -36,6 +36,7 @@ from sqlalchemy.util.concurrency import greenlet_spawn, in_greenlet
 from .. import _proxy
 from .._config import check_seconds
 from .._greenlet import await_
+from .._routing import Router
 from .._where import caller as _caller
 from ..exceptions import FastAPIAsyncSQLAlchemyError
 from ._queries import KIT
@@ -433,6 +434,11 @@ class Isolation:
         )
         self.invalidation: BaseException | None = None
         self.classes: dict[type[Session], type[Session]] = {}
+        # Read replicas mirror their primary, as in Django's tests: the engines their sessions
+        # read through share the primary's lane (and see what the test wrote there), and their
+        # health checks pause for the block.
+        self.mirrors: dict[Engine, Engine] = {}
+        self.paused: list[Router] = []
 
     def invalidated(self) -> str:
         cause = self.invalidation
@@ -455,6 +461,12 @@ class Isolation:
         """Make the sessions of ``binding``'s factory join this isolation from now on."""
         factory = binding.factory
         self.watch(binding.engine.sync_engine)
+        router = binding.router
+        if router is not None and router not in self.paused:
+            for reader in router.readers():
+                self.mirrors[reader] = binding.engine.sync_engine
+            router.replicas.pause()
+            self.paused.append(router)
         if id(factory) in self.covered:
             return
         kw = factory.kw
@@ -481,6 +493,7 @@ class Isolation:
         """What an isolated session uses instead of ``bind``: the test connection of its engine."""
         if not isinstance(bind, Engine):
             return bind
+        bind = self.mirrors.get(bind, bind)
         if self.ended:
             raise IsolationError(
                 "A session opened inside isolated() was used after the block ended: a task the "
@@ -586,6 +599,9 @@ class Isolation:
         finally:
             self.unwatch()
             self.lanes.clear()
+            for router in self.paused:
+                router.replicas.resume()
+            self.paused.clear()
         return problems
 
 
