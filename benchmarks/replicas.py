@@ -4,8 +4,10 @@ Two FastAPI apps on the same primary, one without replicas and one with them
 (``replica_reads=["GET"]``, read-your-writes tokens on), run the same requests in alternating
 batches in this one process:
 
-- ``read``: a GET running one ``SELECT 1`` (the replicated app reads from a replica: a route
-  object, the replica's pick from the last check, a read-only transaction);
+- ``primary read``: a GET running one ``SELECT 1`` that both apps serve from the primary (the
+  replicated app without ``replica_reads``): what routing costs a request it does not route;
+- ``read``: the same GET, which the replicated app now reads from a replica (a route object,
+  the replica's pick from the last check, a read-only transaction, another pool);
 - ``write``: a POST that inserts a row and commits (the replicated app reads the primary's
   position after the commit and sets the token cookie: one more round trip on PostgreSQL).
 
@@ -82,8 +84,9 @@ async def main(args: argparse.Namespace) -> None:
     replicated, replicated_db = app_for(
         args.url, replica_urls=[args.replica], replica_reads=["GET"]
     )
+    unrouted, _ = app_for(args.url, replica_urls=[args.replica])
     middlewares = []
-    for app in (plain, replicated):
+    for app in (plain, replicated, unrouted):
         app.middleware_stack = app.build_middleware_stack()
         middlewares.append(_middleware_of(app))
     try:
@@ -96,6 +99,12 @@ async def main(args: argparse.Namespace) -> None:
             await asyncio.sleep(1.5)
         assert replicated_db.replica_status()[0]["state"] == "healthy"
         results = {
+            "primary read": await compare(
+                requests(plain, "GET", "/read"),
+                requests(unrouted, "GET", "/read"),
+                args.count,
+                args.rounds,
+            ),
             "read": await compare(
                 requests(plain, "GET", "/read"),
                 requests(replicated, "GET", "/read"),

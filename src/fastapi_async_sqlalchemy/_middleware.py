@@ -165,20 +165,18 @@ class BaseSQLAlchemyMiddleware:
                 telemetry=telemetry,
             )
             session_options = observed(session_options, self._observer)
+        self._router: Router | None = None
         if replicas is not None:
-            session_options = routed(session_options, default_session_class())
-        factory = make_session_factory(self.engine, session_options)
-        self._router = (
-            Router(
+            self._router = Router(
                 replicas.build(self.engine, lambda url: _create_engine(url, engine_args)),
-                factory,
                 self.proxy._name,
                 read_your_writes,
                 read_your_writes_secret,
             )
-            if replicas is not None
-            else None
-        )
+            session_options = routed(session_options, default_session_class(), self._router)
+        factory = make_session_factory(self.engine, session_options)
+        if self._router is not None:
+            self._router.factory = factory
         self._binding = Binding(self.engine, factory, self, self._observer, self._router)
         self._admission = (
             Admission(self.max_concurrent_requests, self.request_queue_timeout)

@@ -185,7 +185,11 @@ class ReplicaSet:
         self._task: asyncio.Task[None] | None = None
         self.paused = False
         self.wal_block: int | None = None  # PostgreSQL's WAL page size, read by the checks
-        self._engines = [primary.sync_engine, *(r.engine.sync_engine for r in replicas)]
+        # The engines read-only transactions run on (the primary's own connections get no
+        # listener: an engine with one pays SQLAlchemy's event dispatch on every statement).
+        self._readers = [r.reader for r in replicas]
+        if self.primary_reader is not primary.sync_engine:
+            self._readers.append(self.primary_reader)
 
     # -- choosing ------------------------------------------------------------------------------
 
@@ -392,12 +396,12 @@ class ReplicaSet:
     # -- listeners -----------------------------------------------------------------------------
 
     def attach(self) -> None:
-        for engine in self._engines:
+        for engine in self._readers:
             if not event.contains(engine, "handle_error", _refused_write):
                 event.listen(engine, "handle_error", _refused_write)
 
     def detach(self) -> None:
-        for engine in self._engines:
+        for engine in self._readers:
             if event.contains(engine, "handle_error", _refused_write):
                 event.remove(engine, "handle_error", _refused_write)
 
@@ -431,8 +435,12 @@ def read_only_begun(connection: Connection) -> None:
     if dialect in ("mysql", "mariadb"):
         connection.exec_driver_sql("START TRANSACTION READ ONLY")
     elif dialect == "sqlite" and role == "replica":
-        # SQLite has no read-only transactions; a replica's connections are read-only for good.
-        connection.exec_driver_sql("PRAGMA query_only = ON")
+        # SQLite has no read-only transactions; a replica's connections are read-only for good,
+        # set once per connection.
+        info = connection.connection.info
+        if not info.get(READ_ONLY):
+            connection.exec_driver_sql("PRAGMA query_only = ON")
+            info[READ_ONLY] = True
 
 
 def _one_line(error: BaseException) -> str:

@@ -38,13 +38,16 @@ from sqlalchemy.util.concurrency import in_greenlet
 
 from ._config import InvalidTypeError
 from ._greenlet import await_
-from ._replicas import READ_ONLY, ReplicaSet, logger, read_only_begun, token_lifetime
+from ._replicas import ReplicaSet, logger, read_only_begun, token_lifetime
 from ._scope import SessionFactory
 from ._types import ASGIScope, Message, Receive, Send
 from .exceptions import InvalidConfigurationError, ReplicaWriteError
 
 # How the middleware serves a request, given the session factory of the request's scope.
 Serve = Callable[[ASGIScope, Receive, Send, SessionFactory], Awaitable[None]]
+
+# The key of a session's ``info`` holding the router of its middleware.
+ROUTER = "fastapi_async_sqlalchemy.router"
 
 # A token position no replica reaches: the primary serves until the token expires (databases
 # without comparable positions, or a position that could not be read).
@@ -94,6 +97,8 @@ class Route:
             if self.explicit:
                 raise ReplicaWriteError(WRITE_IN_REPLICA_BLOCK)
             self.pin()
+            if self.traffic is not None:
+                self.traffic.wrote = True
             return self.router.primary
         bind = self.bind
         if bind is None:
@@ -176,8 +181,17 @@ def routed_class(base: type[Session]) -> type[Session]:
 
     def get_bind(self: Session, mapper: Any = None, *, clause: Any = None, **kw: Any) -> Any:
         route: Route | None = self._route  # type: ignore[attr-defined]
-        if route is not None and kw.get("bind") is None:
-            kw["bind"] = route.bind_for(self, clause)
+        if kw.get("bind") is None:
+            if route is not None:
+                kw["bind"] = route.bind_for(self, clause)
+            else:
+                router: Router | None = self.info.get(ROUTER)
+                if router is not None:
+                    traffic = router.replicas.traffic.get()
+                    if traffic is not None and not traffic.wrote:
+                        # Anything but a read (a connection handed out included) may write:
+                        # a request that commits it gets a read-your-writes token.
+                        traffic.wrote = self._flushing or clause is None or _writes(clause)
         return base.get_bind(self, mapper, clause=clause, **kw)
 
     def _execute_internal(self: Session, *args: Any, **kw: Any) -> Any:
@@ -232,15 +246,27 @@ def routed_class(base: type[Session]) -> type[Session]:
 _AUTOBEGIN = SessionTransactionOrigin.AUTOBEGIN
 
 
-def routed(session_args: dict[str, Any], default_class: type[AsyncSession]) -> dict[str, Any]:
-    """``session_args`` whose sessions can be routed."""
+def routed(
+    session_args: dict[str, Any], default_class: type[AsyncSession], router: Router
+) -> dict[str, Any]:
+    """``session_args`` whose sessions can be routed by ``router`` (in their ``info``)."""
     class_ = session_args.get("class_") or default_class
     base = session_args.get("sync_session_class") or class_.sync_session_class
-    return {**session_args, "sync_session_class": routed_class(base)}
+    info = {**(session_args.get("info") or {}), ROUTER: router}
+    return {**session_args, "sync_session_class": routed_class(base), "info": info}
 
 
 def _read_only_begin(session: Session, transaction: SessionTransaction, conn: Connection) -> None:
     read_only_begun(conn)
+
+
+def _committed(session: Session) -> None:
+    """A session committed: what the current request wrote on the primary is durable."""
+    router: Router | None = session.info.get(ROUTER)
+    if router is not None:
+        traffic = router.replicas.traffic.get()
+        if traffic is not None and traffic.wrote:
+            traffic.durable = True
 
 
 # -- read-your-writes tokens -------------------------------------------------------------------
@@ -306,13 +332,14 @@ class Tokens:
 class Traffic:
     """One HTTP request's routing: its route (if its reads go to replicas) and its writes."""
 
-    __slots__ = ("_position", "_send", "route", "router", "scope", "wrote")
+    __slots__ = ("_position", "_send", "durable", "route", "router", "scope", "wrote")
 
     def __init__(self, router: Router, scope: ASGIScope, send: Send) -> None:
         self.router = router
         self.scope = scope
         self._send = send
-        self.wrote = False  # committed on the primary: the response gets a token
+        self.wrote = False  # sent the primary something that may write
+        self.durable = False  # and a COMMIT after it: the response gets a token
         self._position: int | bool | None = False  # False: not read yet
         reads = router.replicas.reads
         self.route: Route | None = (
@@ -331,7 +358,7 @@ class Traffic:
 
     async def forward(self, message: Message) -> None:
         """The request's ``send``: a response start after a commit gets the token."""
-        if message["type"] == "http.response.start" and self.wrote:
+        if message["type"] == "http.response.start" and self.durable:
             tokens = self.router.tokens
             if tokens is not None:
                 position = await self.router.position_after_commit()
@@ -347,13 +374,12 @@ class Router:
     def __init__(
         self,
         replicas: ReplicaSet,
-        factory: SessionFactory,
         proxy_name: str,
         read_your_writes: str | None,
         secret: str | bytes | None,
     ) -> None:
         self.replicas = replicas
-        self.factory = factory
+        self.factory: SessionFactory = _no_factory  # the middleware's, once it is made
         self.primary = replicas.primary.sync_engine
         self.tokens: Tokens | None = None
         if read_your_writes is not None:
@@ -403,27 +429,21 @@ class Router:
             )
             return None
 
-    def committed(self, connection: Connection) -> None:
-        """The primary engine's ``commit`` event: the current request wrote."""
-        if connection.get_execution_options().get(READ_ONLY):
-            return
-        traffic = self.replicas.traffic.get()
-        if traffic is not None:
-            traffic.wrote = True
-
     def attach(self) -> None:
-        if not event.contains(Session, "after_begin", _read_only_begin):
-            event.listen(Session, "after_begin", _read_only_begin)
+        # Session events (once a process): nothing on the primary's engine.
+        for name, listener in (("after_begin", _read_only_begin), ("after_commit", _committed)):
+            if not event.contains(Session, name, listener):
+                event.listen(Session, name, listener)
         self.replicas.attach()
-        if self.tokens is not None and not event.contains(self.primary, "commit", self.committed):
-            event.listen(self.primary, "commit", self.committed)
         self.replicas.start()
 
     async def detach(self) -> None:
-        if event.contains(self.primary, "commit", self.committed):
-            event.remove(self.primary, "commit", self.committed)
         self.replicas.detach()
         await self.replicas.stop()
+
+
+def _no_factory() -> AsyncSession:
+    raise AssertionError("the middleware sets its router's factory when it makes it")
 
 
 def check_read_your_writes(mode: object, secret: object) -> None:
