@@ -15,7 +15,7 @@ from conftest import Row, _next_id, items, new_item, only_on, serve, unused_app
 from fastapi import FastAPI, Request
 from replicas import Pair, healthy, pair_fixture, replicated_app  # noqa: F401 - the fixture
 from sqlalchemy import event as sa_event
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
@@ -25,6 +25,7 @@ from fastapi_async_sqlalchemy import (
     create_middleware_and_session_proxy,
     pgbouncer_engine_args,
 )
+from fastapi_async_sqlalchemy.testing import isolated
 
 pytestmark = pytest.mark.anyio
 
@@ -465,3 +466,28 @@ def test_a_position_past_a_page_header_is_read_as_the_page_boundary() -> None:
     assert replayable(page + 24, None) == page + 24  # page size not known yet: kept
     assert parse_lsn("16/B374D848") == (0x16 << 32) + 0xB374D848
     assert parse_lsn(None) is None
+
+
+async def test_under_the_testing_kit_replicas_mirror_the_primary(pair: Pair) -> None:
+    """In isolated(), replica reads see what the test wrote (on the primary's test
+    connection), writes told from reads are still refused, nothing is left behind, and the
+    health checks resume afterwards."""
+    app, db = replicated(pair, replica_reads=["GET"])
+    async with serve(app) as client:
+        await healthy(db)
+        async with isolated():
+            assert (await client.post("/items/kit")).status_code == 200
+            assert (await client.get("/names")).json() == ["kit"]
+            async with db(replica=True):
+                assert await db.session.scalar(select(func.count()).select_from(items)) == 1
+            with pytest.raises(ReplicaWriteError):
+                async with db(replica=True):
+                    await db.session.execute(new_item("refused"))
+        assert db.pool_status()["checked_out"] == 0
+        checked = db.replica_status()[0]["checked_at"]
+        for _ in range(250):
+            if db.replica_status()[0]["checked_at"] != checked:
+                break
+            await asyncio.sleep(0.02)
+        assert db.replica_status()[0]["checked_at"] != checked
+    assert await pair.names() == []
