@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from fastapi_async_sqlalchemy import (
     InvalidConfigurationError,
@@ -246,9 +248,13 @@ async def test_replica_engines_are_the_callers(pair: Pair) -> None:
     finally:
         await middleware.dispose()
     assert not sa_event.contains(engines[0].sync_engine, "handle_error", _refusal())
-    # Still usable: the middleware did not dispose what it does not own.
+    # Still usable: the middleware did not dispose what it does not own, and (where the
+    # "replica" is no real one) left its connections writable.
     async with engines[0].connect() as connection:
         assert await connection.scalar(pair.role) == "replica-a"
+    if pair.name != "postgresql":
+        async with engines[0].begin() as connection:
+            await connection.execute(new_item("mine"))
     for engine in engines:
         await engine.dispose()
 
@@ -371,6 +377,8 @@ async def test_without_positions_a_token_reads_from_the_primary_until_it_expires
         ({"replica_reads": ["GET"]}, "replica_reads needs replicas"),
         ({"replica_urls": "sqlite+aiosqlite://"}, "replica_urls must be a list"),
         ({"replica_urls": [42]}, "db_url must be a string"),
+        ({"replica_urls": ["sqlite:///replica.db"]}, "replica_urls names a synchronous driver"),
+        ({"replica_urls": ["nosuch+driver://h/d"]}, "replica_urls names a dialect"),
         ({"replica_engines": ["x"]}, "replica_engines must hold AsyncEngines"),
         ({"replica_urls": ["postgresql+asyncpg://h/d"]}, "primary's database \\(sqlite\\)"),
         ({"replica_urls": ["sqlite+aiosqlite://"], "replica_reads": "GET"}, "HTTP methods"),
@@ -491,3 +499,242 @@ async def test_under_the_testing_kit_replicas_mirror_the_primary(pair: Pair) -> 
             await asyncio.sleep(0.02)
         assert db.replica_status()[0]["checked_at"] != checked
     assert await pair.names() == []
+
+
+# -- review regressions -------------------------------------------------------------------------
+
+
+async def test_a_write_in_a_primary_block_moves_the_request_to_the_primary(pair: Pair) -> None:
+    """`async with db(replica=False):` is where writes go that cannot be told from reads: after
+    one, the request reads from the primary, and sees the write."""
+    app, db = replicated(pair, replica_reads=["GET"])
+
+    @app.get("/visit/{name}")
+    async def visit(name: str) -> dict[str, Any]:
+        before = await db.session.scalar(pair.role)
+        async with db(replica=False, commit_on_exit=True):
+            await db.session.execute(
+                text("INSERT INTO items (id, name) VALUES (:i, :n)"), {"i": _next_id(), "n": name}
+            )
+        names = list(await db.session.scalars(select(items.c.name)))
+        return {"before": before, "after": await db.session.scalar(pair.role), "names": names}
+
+    async with serve(app) as client:
+        await healthy(db)
+        seen = (await client.get("/visit/a")).json()
+    assert seen["before"].startswith("replica-")
+    assert seen["after"] == "primary"
+    assert seen["names"] == ["a"]
+
+
+@pytest.mark.parametrize("block", ["statement_timeout", "info"])
+async def test_a_commit_in_a_block_with_its_own_options_gets_a_token(
+    pair: Pair, block: str
+) -> None:
+    app, db = replicated(pair, replica_reads=["GET"])
+    options: dict[str, Any] = (
+        {"statement_timeout": 5}
+        if block == "statement_timeout"
+        else {"session_args": {"info": {"x": 1}}}
+    )
+
+    @app.post("/block/{name}")
+    async def add(name: str) -> str:
+        async with db(commit_on_exit=True, **options):
+            await db.session.execute(new_item(name))
+        return name
+
+    async with serve(app) as client:
+        await healthy(db)
+        wrote = await client.post("/block/mine")
+        assert "set-cookie" in wrote.headers
+        assert (await client.get("/names")).json() == ["mine"]
+
+
+async def test_writes_are_told_from_reads_by_their_text(pair: Pair) -> None:
+    """An INSERT ... RETURNING through text().columns() is a write (it moves the request);
+    reads behind a comment or a WITH are sent to the replica."""
+    app, db = replicated(pair, replica_reads=["GET"])
+
+    @app.get("/returning")
+    async def returning() -> list[Any]:
+        first = await db.session.scalar(pair.role)
+        statement = text("INSERT INTO items (id, name) VALUES (:i, 'ret') RETURNING id").columns(
+            items.c.id
+        )
+        await db.session.execute(statement, {"i": _next_id()})
+        after = await db.session.scalar(pair.role)
+        await db.session.commit()
+        return [first, after]
+
+    async with serve(app) as client:
+        await healthy(db)
+        seen = (await client.get("/returning")).json()
+        assert seen[0].startswith("replica-")
+        assert seen[1] == "primary"
+        async with db(replica=True):
+            for read in (
+                "-- the count\nSELECT count(*) FROM items",
+                "/* the count */ SELECT count(*) FROM items",
+                "WITH n AS (SELECT count(*) AS c FROM items) SELECT c FROM n",
+            ):
+                assert await db.session.scalar(text(read)) is not None
+    assert await pair.names() == ["ret"]
+
+
+@only_on("sqlite")  # replicas that vanish between two checks: files that move away
+async def test_every_replica_gone_between_checks_fails_no_request(pair: Pair) -> None:
+    Middleware, db = create_middleware_and_session_proxy()
+    app = FastAPI()
+    app.add_middleware(
+        Middleware,
+        db_url=pair.primary,
+        replica_urls=pair.replicas,
+        replica_reads=["GET"],
+        replica_check_interval=60,
+        engine_args={"poolclass": NullPool},
+    )
+
+    @app.get("/role")
+    async def role() -> str:
+        return str(await db.session.scalar(pair.role))
+
+    async with serve(app) as client:
+        await healthy(db)
+        for url in pair.replicas:
+            _vanish(url)
+        try:
+            answer = await client.get("/role")
+            assert answer.status_code == 200
+            assert answer.json() == "primary"
+            assert [s["state"] for s in db.replica_status()] == ["down", "down"]
+        finally:
+            for url in pair.replicas:
+                _vanish(url, back=True)
+
+
+def _vanish(url: str, back: bool = False) -> None:
+    """The SQLite file of ``url`` moves away, a directory taking its place (which cannot be
+    opened); or, ``back``, returns."""
+    path = Path(url.split("///", 1)[1])
+    if back:
+        path.rmdir()
+        path.with_suffix(".gone").rename(path)
+    else:
+        path.rename(path.with_suffix(".gone"))
+        path.mkdir()
+
+
+async def test_replica_statements_count_in_stats_and_obey_deadlines(pair: Pair) -> None:
+    from test_statement_timeouts import LONG
+
+    app, db = replicated(pair, replica_reads=["GET"], stats=True, statement_timeout=0.3)
+
+    @app.get("/count")
+    async def count() -> dict[str, Any]:
+        await db.session.scalar(select(func.count()).select_from(items))
+        return {"role": await db.session.scalar(pair.role), "statements": db.stats.statements}
+
+    @app.get("/long")
+    async def long() -> None:
+        await db.session.execute(text(LONG[pair.name]))
+
+    async with serve(app) as client:
+        await healthy(db)
+        counted = (await client.get("/count")).json()
+        assert counted["role"].startswith("replica-")
+        # The two, and a statement of ours that makes the transaction read-only or limits it.
+        assert counted["statements"] == 3
+        started = time.monotonic()
+        stopped = await client.get("/long")
+        assert stopped.status_code == 503  # StatementTimeoutError's answer
+        assert time.monotonic() - started < 1.5
+        assert [s["state"] for s in db.replica_status()] == ["healthy", "healthy"]
+
+
+async def test_a_token_with_bytes_beyond_ascii_is_ignored(pair: Pair) -> None:
+    app, db = replicated(pair, replica_reads=["GET"])
+    name = db._name.replace("#", "_") + "_position"
+    async with serve(app) as client:
+        await healthy(db)
+        response = await client.get(
+            "/role", headers={"cookie": f"{name}=-.1.\xe9".encode("latin-1")}
+        )
+        assert response.status_code == 200
+        assert response.json().startswith("replica-")
+
+
+async def test_the_checks_stay_stopped_after_dispose(pair: Pair) -> None:
+    """With custom_engine the proxy stays bound after dispose(); a replica block then uses the
+    primary and starts no background task."""
+    engine = create_async_engine(pair.primary)
+    Middleware, db = create_middleware_and_session_proxy()
+    middleware = Middleware(
+        unused_app, custom_engine=engine, replica_urls=pair.replicas, replica_check_interval=0.05
+    )
+    await healthy(db)
+    await middleware.dispose()
+    async with db(replica=True):
+        assert await db.session.scalar(pair.role) == "primary"
+    await asyncio.sleep(0.1)
+    assert not [t for t in asyncio.all_tasks() if t.get_name().endswith(" replicas")]
+    await engine.dispose()
+
+
+async def test_an_error_of_a_statement_is_no_lost_replica(pair: Pair) -> None:
+    """A statement's own error (here under the testing kit, where the replica is the test's
+    connection) is raised once, and no replica is marked down."""
+    from fastapi_async_sqlalchemy.testing import capture_queries
+
+    app, db = replicated(pair, replica_reads=["GET"])
+
+    @app.get("/broken")
+    async def broken() -> None:
+        await db.session.execute(text("SELECT nope FROM items"))
+
+    async with serve(app) as client:
+        await healthy(db)
+        assert (await client.get("/broken")).status_code == 500
+        async with isolated():
+            with capture_queries() as queries:
+                assert (await client.get("/broken")).status_code == 500
+        assert [q.statement for q in queries].count("SELECT nope FROM items") == 1
+        assert [s["state"] for s in db.replica_status()] == ["healthy", "healthy"]
+
+
+async def test_a_lost_commit_on_the_primary_is_never_taken_for_a_lost_replica(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block that read on the replica, then wrote on the primary (the request was moved there
+    by an inner block's write): its COMMIT failing with a lost connection is the request's
+    failure, not a replica going away."""
+    app, db = replicated(pair, replica_reads=["GET"])
+    failing = {"armed": False}
+
+    @app.get("/visit")
+    async def visit() -> str:
+        async with db(commit_on_exit=True):
+            role = str(await db.session.scalar(pair.role))
+            async with db(commit_on_exit=True):
+                await db.session.execute(new_item("audit"))
+            await db.session.execute(new_item("last-seen"))
+            failing["armed"] = True
+        return role
+
+    async with serve(app) as client:
+        await healthy(db)
+        dialect = db.engine.sync_engine.dialect
+        commit = dialect.do_commit
+
+        def do_commit(dbapi_connection: Any) -> None:
+            if failing["armed"]:
+                failing["armed"] = False
+                raise dialect.loaded_dbapi.OperationalError("connection lost")
+            commit(dbapi_connection)
+
+        monkeypatch.setattr(dialect, "do_commit", do_commit)
+        monkeypatch.setattr(dialect, "is_disconnect", lambda *args: True)
+        assert (await client.get("/visit")).status_code == 500
+        assert [s["state"] for s in db.replica_status()] == ["healthy", "healthy"]
+        assert db.pool_status()["checked_out"] == 0
+    assert await pair.names() == ["audit"]

@@ -346,3 +346,31 @@ async def test_nothing_of_ours_leaks_session_state_through_pgbouncer(bounced_tab
     ours = [s for s in sent if s.lstrip().upper().startswith("SET")]
     assert ours
     assert all(s.startswith("SET LOCAL ") for s in ours), set(ours)
+
+
+async def test_children_waiting_for_a_replica_to_catch_up_share_one_choice(table: None) -> None:
+    """A request with a token whose write the replicas have not replayed yet: while its first
+    child waits for a replica to catch up, the other children wait for that choice, and all
+    of them read from the same server (the one that caught up), seeing the write."""
+    app, db = app_with(REPLICA_URLS, replica_max_lag=60, replica_wait=2.0)
+
+    @app.get("/gathered")
+    async def gathered() -> list[Any]:
+        async def child() -> list[Any]:
+            names = list(await db.session.scalars(select(items.c.name)))
+            return [await db.session.scalar(text("SELECT inet_server_port()")), names]
+
+        async with db(multi_sessions=True):
+            return await db.gather(*(child() for _ in range(4)))
+
+    async with serve(app) as client:
+        await healthy(db)
+        await replay(False)
+        assert (await client.post("/items/mine")).status_code == 200
+        reading = asyncio.ensure_future(client.get("/gathered"))
+        await asyncio.sleep(0.2)
+        assert not reading.done()  # waiting for a replica to replay the write
+        await replay(True)
+        seen = (await reading).json()
+    assert len({port for port, _ in seen}) == 1, seen
+    assert all(names == ["mine"] for _, names in seen), seen

@@ -143,9 +143,20 @@ class BaseSQLAlchemyMiddleware:
         else:
             self.engine = _create_engine(url, engine_args)  # type: ignore[arg-type]
             self.engine_owned = True
+        self._router: Router | None = None
+        if replicas is not None:
+            self._router = Router(
+                replicas.build(self.engine, lambda url: _create_engine(url, engine_args)),
+                self.proxy._name,
+                read_your_writes,
+                read_your_writes_secret,
+            )
         session_options = self.session_args
         if self.statement_timeout is not None:
             install_deadlines(self.engine)
+            if self._router is not None:
+                for replica in self._router.engines():
+                    install_deadlines(replica)
             session_options = with_deadline(session_options, self.statement_timeout)
         self._observer: Observer | None = None
         telemetry = _telemetry(self.engine) if opentelemetry else None
@@ -165,14 +176,7 @@ class BaseSQLAlchemyMiddleware:
                 telemetry=telemetry,
             )
             session_options = observed(session_options, self._observer)
-        self._router: Router | None = None
-        if replicas is not None:
-            self._router = Router(
-                replicas.build(self.engine, lambda url: _create_engine(url, engine_args)),
-                self.proxy._name,
-                read_your_writes,
-                read_your_writes_secret,
-            )
+        if self._router is not None:
             session_options = routed(session_options, default_session_class(), self._router)
         factory = make_session_factory(self.engine, session_options)
         if self._router is not None:
@@ -201,7 +205,8 @@ class BaseSQLAlchemyMiddleware:
         self.proxy._bind(self._binding)
         self._disposed = False
         if self._observer is not None:
-            self._observer.attach(self.engine)
+            replicas = self._router.engines() if self._router is not None else ()
+            self._observer.attach(self.engine, *replicas)
         if self._saturation is not None:
             self._saturation.attach()
         if self._router is not None:

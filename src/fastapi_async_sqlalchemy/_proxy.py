@@ -334,6 +334,9 @@ class DBSessionMeta:
             return binding.factory
         # The factory's own keywords hold its bind (the engine); session_args may override it.
         options = {"class_": binding.factory.class_, **binding.factory.kw, **session_args}
+        if binding.router is not None and "info" in session_args:
+            # The block's info goes over the middleware's, which tells its router.
+            options["info"] = {**binding.factory.kw.get("info", {}), **session_args["info"]}
         return make_session_factory(options.pop("bind", binding.engine), options)
 
 
@@ -381,6 +384,8 @@ class ExplicitScope:
         binding = proxy._require_binding()
         if DEADLINE in self._session_args.get("info", ()):
             install_deadlines(binding.engine)
+            for replica in binding.router.engines() if binding.router is not None else ():
+                install_deadlines(replica)
         factory = proxy._factory(self._session_args)
         if binding.router is not None:
             factory = binding.router.block(factory, self._replica)

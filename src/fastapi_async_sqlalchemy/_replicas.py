@@ -31,9 +31,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ._config import InvalidTypeError, check_seconds
+from ._config import (
+    DriverNotInstalledError,
+    InvalidTypeError,
+    InvalidURLError,
+    SyncDriverError,
+    check_seconds,
+)
 from .exceptions import InvalidConfigurationError, ReplicaWriteError
 
 if TYPE_CHECKING:
@@ -114,7 +121,9 @@ class Replica:
     def __init__(self, engine: AsyncEngine, owned: bool) -> None:
         self.engine = engine
         self.owned = owned
-        self.reader = reading(engine, "replica")
+        # Transactions read-only: "replica" on the engines the middleware made, "borrowed" on
+        # yours (whose connections keep no setting of ours).
+        self.reader = reading(engine, "replica" if owned else "borrowed")
         self.name = describe(engine.url)
         self.state = UNKNOWN
         self.lag_seconds: float | None = None
@@ -183,7 +192,9 @@ class ReplicaSet:
         # has been behind is how long ago the primary first passed where the replica is.
         self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
         self._task: asyncio.Task[None] | None = None
+        self.enabled = False  # between attach() and stop(): checks may run
         self.paused = False
+        self._cancelled: asyncio.Task[None] | None = None  # paused, winding up
         self.wal_block: int | None = None  # PostgreSQL's WAL page size, read by the checks
         # The engines read-only transactions run on (the primary's own connections get no
         # listener: an engine with one pays SQLAlchemy's event dispatch on every statement).
@@ -261,7 +272,7 @@ class ReplicaSet:
 
     def start(self) -> None:
         """Start the background checks, once an event loop runs (again, after a stop)."""
-        if self.paused or (self._task is not None and not self._task.done()):
+        if not self.enabled or self.paused or (self._task is not None and not self._task.done()):
             return
         try:
             loop = asyncio.get_running_loop()
@@ -278,18 +289,29 @@ class ReplicaSet:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
+            self._cancelled = task
 
-    def resume(self) -> None:
+    async def resume(self) -> None:
+        """Checks again after :meth:`pause`, once the paused one has wound up."""
+        await self._wind_up()
         self.paused = False
         self.start()
 
+    async def _wind_up(self) -> None:
+        task, self._cancelled = self._cancelled, None
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def stop(self) -> None:
         """Stop the checks; dispose of the replica engines made from ``replica_urls``."""
+        self.enabled = False
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._wind_up()
         for replica in self.replicas:
             replica.state = UNKNOWN
             if replica.owned:
@@ -396,6 +418,7 @@ class ReplicaSet:
     # -- listeners -----------------------------------------------------------------------------
 
     def attach(self) -> None:
+        self.enabled = True
         for engine in self._readers:
             if not event.contains(engine, "handle_error", _refused_write):
                 event.listen(engine, "handle_error", _refused_write)
@@ -528,6 +551,8 @@ def plan_replicas(
                 "replica_engines must hold AsyncEngines (from create_async_engine()), not "
                 f"{type(engine).__name__}."
             )
+    for url in url_list:
+        _check_driver(url)
     rule = check_replica_reads(reads)
     lag = None if max_lag is None else check_seconds("replica_max_lag", max_lag, allow_zero=True)
     interval = check_seconds("replica_check_interval", check_interval)
@@ -547,6 +572,28 @@ def plan_replicas(
             "replica is a copy of the primary."
         )
     return ReplicaPlan(url_list, engine_list, lag, interval, waited, rule)
+
+
+def _check_driver(url: URL) -> None:
+    """A replica URL's dialect and driver, checked before any engine is made."""
+    try:
+        dialect = url.get_dialect()
+    except ArgumentError:
+        raise InvalidURLError(
+            f"replica_urls names a dialect SQLAlchemy does not know ({url.drivername}): use an "
+            "async driver, such as postgresql+asyncpg or mysql+asyncmy."
+        ) from None
+    if not getattr(dialect, "is_async", False):
+        raise SyncDriverError(
+            f"replica_urls names a synchronous driver ({url.drivername}): use an async one, "
+            "such as postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite."
+        )
+    try:
+        dialect.import_dbapi()
+    except ImportError as error:
+        raise DriverNotInstalledError(
+            f"replica_urls names a driver that is not installed ({error}): install it."
+        ) from None
 
 
 def _sequence(name: str, value: object, what: str) -> Sequence[Any]:

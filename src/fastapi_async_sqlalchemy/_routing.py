@@ -18,6 +18,7 @@ from the primary otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -29,19 +30,20 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction, SessionTransactionOrigin
+from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import TextClause
-from sqlalchemy.sql.selectable import Select
+from sqlalchemy.sql.selectable import Select, TextualSelect
 from sqlalchemy.util.concurrency import in_greenlet
 
 from ._config import InvalidTypeError
 from ._greenlet import await_
-from ._replicas import ReplicaSet, logger, read_only_begun, token_lifetime
+from ._replicas import Replica, ReplicaSet, logger, read_only_begun, token_lifetime
 from ._scope import SessionFactory
 from ._types import ASGIScope, Message, Receive, Send
-from .exceptions import InvalidConfigurationError, ReplicaWriteError
+from .exceptions import FastAPIAsyncSQLAlchemyError, InvalidConfigurationError, ReplicaWriteError
 
 # How the middleware serves a request, given the session factory of the request's scope.
 Serve = Callable[[ASGIScope, Receive, Send, SessionFactory], Awaitable[None]]
@@ -53,7 +55,16 @@ ROUTER = "fastapi_async_sqlalchemy.router"
 # without comparable positions, or a position that could not be read).
 UNREACHABLE = 1 << 64
 
-_READING_TEXT = re.compile(r"\s*(SELECT|SHOW|EXPLAIN|VALUES|TABLE|PRAGMA)\b", re.IGNORECASE)
+# What a statement's text does, by its first word (after comments and parentheses).
+_TEXT_START = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/|\()*(\w+)", re.DOTALL)
+_READING_WORDS = frozenset({"SELECT", "SHOW", "EXPLAIN", "VALUES", "TABLE", "PRAGMA", "SET"})
+_WRITING_WORDS = frozenset(
+    {
+        "INSERT", "UPDATE", "DELETE", "MERGE", "REPLACE", "UPSERT", "CREATE", "DROP", "ALTER",
+        "TRUNCATE", "GRANT", "REVOKE", "CALL", "DO", "COPY", "LOCK", "VACUUM", "REINDEX",
+        "CLUSTER", "COMMENT", "RENAME", "LOAD", "IMPORT", "REFRESH", "NOTIFY",
+    }
+)  # fmt: skip
 
 WRITE_IN_REPLICA_BLOCK = (
     "`async with db(replica=True):` reads from a read replica, where nothing can be written: "
@@ -64,7 +75,17 @@ WRITE_IN_REPLICA_BLOCK = (
 class Route:
     """Where one scope's sessions read: a replica chosen once, or the primary."""
 
-    __slots__ = ("bind", "explicit", "factory", "parent", "pinned", "replica", "router", "traffic")
+    __slots__ = (
+        "bind",
+        "choosing",
+        "explicit",
+        "factory",
+        "parent",
+        "pinned",
+        "replica",
+        "router",
+        "traffic",
+    )
 
     def __init__(
         self,
@@ -82,7 +103,10 @@ class Route:
         self.parent = parent  # the request's route, whose replica this one shares
         self.pinned = False  # a write was seen: the primary from now on
         self.bind: Engine | None = None
-        self.replica: Any = None
+        self.replica: Replica | None = None
+        # While a choice waits for a replica to catch up, the other sessions of the scope
+        # (db.gather() children) wait for that choice instead of making their own.
+        self.choosing: asyncio.Future[None] | None = None
 
     def __call__(self) -> AsyncSession:
         """A session of this route (a route is its scope's session factory)."""
@@ -91,18 +115,21 @@ class Route:
         return session
 
     def bind_for(self, session: Session, clause: Any) -> Engine:
-        if self.pinned or (self.parent is not None and self.parent.pinned and not self.explicit):
+        if self.pinned:
             return self.router.primary
+        if self.parent is not None and self.parent.pinned and not self.explicit:
+            self.pinned = True
+            return self.router.primary
+        # What cannot be told (a WITH, a connection handed out) is sent: the replica's
+        # read-only transaction refuses a write, as ReplicaWriteError.
         if session._flushing or _writes(clause):
             if self.explicit:
                 raise ReplicaWriteError(WRITE_IN_REPLICA_BLOCK)
             self.pin()
-            if self.traffic is not None:
-                self.traffic.wrote = True
             return self.router.primary
         bind = self.bind
         if bind is None:
-            bind = self.bind = self._choose()
+            bind = self._choose()
         return bind
 
     def pin(self) -> None:
@@ -110,63 +137,89 @@ class Route:
         self.pinned = True
         if self.parent is not None:
             self.parent.pinned = True
+        if self.traffic is not None:
+            self.traffic.wrote = True
 
     def _choose(self) -> Engine:
+        """Choose once for the scope; concurrent callers get the same choice."""
         parent = self.parent
         if parent is not None and not parent.pinned:
-            bind = parent.bind
-            if bind is None:
-                bind = parent.bind = parent._choose()
-            self.replica = parent.replica
+            bind = parent.bind if parent.bind is not None else parent._choose()
+            self.bind, self.replica = bind, parent.replica
             return bind
+        while self.choosing is not None and in_greenlet():
+            await_(asyncio.shield(self.choosing))  # another session of the scope is choosing
+            if self.bind is not None:
+                return self.bind
         replicas = self.router.replicas
         replicas.start()
         position = self.traffic.position() if self.traffic is not None else None
         replica = replicas.pick(position)
         if replica is None and position is not None and position < UNREACHABLE and in_greenlet():
-            replica = await_(replicas.catch_up(position))
+            self.choosing = asyncio.get_running_loop().create_future()
+            try:
+                replica = await_(replicas.catch_up(position))
+            finally:
+                self.choosing.set_result(None)
+                self.choosing = None
         self.replica = replica
-        return replica.reader if replica is not None else replicas.primary_reader
+        bind = self.bind = replica.reader if replica is not None else replicas.primary_reader
+        return bind
 
-    def lost_while_reading(self, error: DBAPIError) -> bool:
-        """Whether ``error`` is the replica going away under a scope that only read there."""
-        replica = self.replica
-        if replica is None or self.pinned or not error.connection_invalidated:
-            return False
-        self.router.replicas.mark_down(replica, error)
-        return True
-
-    def unreachable(self, error: BaseException, session: Session) -> bool:
-        """Whether the first statement failed because the chosen replica is gone; if so, the
-        replica is marked down and the next statement chooses again."""
-        replica = self.replica
-        if replica is None or self.bind is not replica.reader:
+    def lost_while_reading(self, error: DBAPIError, session: Session) -> bool:
+        """Whether ``error`` is a replica going away under a session that only read there
+        (every connection of its transaction is a replica's); if so, the replica is down."""
+        if self.pinned or not error.connection_invalidated or self.router.replicas.paused:
             return False
         transaction = session.get_transaction()
-        connections = getattr(transaction, "_connections", {}) if transaction else {}
-        connected = connections.get(replica.reader)
-        if isinstance(error, DBAPIError):
-            # Failed while connecting (no connection was added), or on a connection that died.
-            if connected is not None and not error.connection_invalidated:
-                return False
-        elif not isinstance(error, OSError):
+        engines = list(getattr(transaction, "_connections", ()) if transaction else ())
+        found = [self.router.replicas.replica_of(engine) for engine in engines]
+        if not found or None in found:
             return False
-        self.router.replicas.mark_down(replica, error)
-        self.bind = self.replica = None
-        if self.parent is not None:
-            self.parent.bind = self.parent.replica = None
+        for replica in found:
+            self.router.replicas.mark_down(replica, error)  # type: ignore[arg-type]
+        return True
+
+    def unreachable(self, error: BaseException, tried: Engine | None) -> bool:
+        """Whether a transaction's first statement failed because the replica it tried (the
+        route's choice when the statement started, or the one it made) cannot be reached; if
+        so, that replica is marked down and the retry chooses again. Sessions sharing the
+        route (``db.gather()`` children) that tried the same replica retry too."""
+        replicas = self.router.replicas
+        tried = tried or self.bind
+        replica = replicas.replica_of(tried) if tried is not None else None
+        if replica is None or replicas.paused:
+            return False  # the primary standing in, or the testing kit's connection
+        if isinstance(error, DBAPIError):
+            # Refused while connecting (no statement was sent), or a connection that died; an
+            # error of the statement itself is the caller's.
+            if error.statement is not None and not error.connection_invalidated:
+                return False
+        elif not isinstance(error, OSError) or isinstance(error, FastAPIAsyncSQLAlchemyError):
+            return False  # StatementTimeoutError and PoolTimeoutError are TimeoutErrors
+        replicas.mark_down(replica, error)
+        for route in (self, self.parent):
+            if route is not None and route.bind is tried:
+                route.bind = route.replica = None
         return True
 
 
-def _writes(clause: Any) -> bool:
+def _writes(clause: Any) -> bool | None:
+    """Whether a statement writes: True, False, or None when its text cannot tell."""
     if clause is None:
-        return False
+        return None  # a connection handed out: anything may be run on it
     if isinstance(clause, UpdateBase):
         return True
     if isinstance(clause, Select):
         return clause._for_update_arg is not None
+    if isinstance(clause, TextualSelect | FromStatement):
+        return _writes(clause.element)
     if isinstance(clause, TextClause):
-        return _READING_TEXT.match(clause.text) is None
+        match = _TEXT_START.match(clause.text)
+        word = match.group(1).upper() if match else ""
+        if word in _READING_WORDS:
+            return False
+        return True if word in _WRITING_WORDS else None
     return False
 
 
@@ -188,10 +241,8 @@ def routed_class(base: type[Session]) -> type[Session]:
                 router: Router | None = self.info.get(ROUTER)
                 if router is not None:
                     traffic = router.replicas.traffic.get()
-                    if traffic is not None and not traffic.wrote:
-                        # Anything but a read (a connection handed out included) may write:
-                        # a request that commits it gets a read-your-writes token.
-                        traffic.wrote = self._flushing or clause is None or _writes(clause)
+                    if traffic is not None:
+                        traffic.saw(self._flushing or _writes(clause) is not False)
         return base.get_bind(self, mapper, clause=clause, **kw)
 
     def _execute_internal(self: Session, *args: Any, **kw: Any) -> Any:
@@ -201,16 +252,18 @@ def routed_class(base: type[Session]) -> type[Session]:
             return base._execute_internal(self, *args, **kw)
         # The transaction's first statement: if the replica turns out to be gone, another
         # replica or the primary runs it, and the request never sees the failure.
-        try:
-            return base._execute_internal(self, *args, **kw)
-        except (DBAPIError, OSError) as error:
-            transaction = self.get_transaction()
-            if transaction is None or transaction.origin is not _AUTOBEGIN:
-                raise
-            if not route.unreachable(error, self):
-                raise
-            self.rollback()
-            return base._execute_internal(self, *args, **kw)
+        for _ in range(len(route.router.replicas.replicas)):
+            tried = route.bind
+            try:
+                return base._execute_internal(self, *args, **kw)
+            except (DBAPIError, OSError) as error:
+                transaction = self.get_transaction()
+                if transaction is None or transaction.origin is not _AUTOBEGIN:
+                    raise
+                if not route.unreachable(error, tried):
+                    raise
+                self.rollback()
+        return base._execute_internal(self, *args, **kw)  # every replica tried: the primary
 
     def forgiving(method: Callable[[Session], None]) -> Callable[[Session], None]:
         def run(self: Session) -> None:
@@ -222,7 +275,7 @@ def routed_class(base: type[Session]) -> type[Session]:
                 # a replica, failing because the replica went away, loses nothing: SQLAlchemy
                 # invalidated the connection (its pool slot is free again), what was read
                 # stands, and the session is closed.
-                if route is None or not route.lost_while_reading(error):
+                if route is None or not route.lost_while_reading(error, self):
                     raise
                 base.close(self)
 
@@ -303,7 +356,7 @@ class Tokens:
             return None
         value, _, signature = token.rpartition(".")
         position, _, expires = value.partition(".")
-        if not hmac.compare_digest(signature, self._sign(value)):
+        if not hmac.compare_digest(signature.encode("latin-1"), self._sign(value).encode()):
             return None  # forged, damaged, or made with another secret (another database)
         try:
             if int(expires) < time.time():
@@ -347,6 +400,17 @@ class Traffic:
             if reads is not None and reads(scope)
             else None
         )
+
+    def saw(self, writes: bool) -> None:
+        """A primary session of this request sent a statement: one that may write makes the
+        request's commit worth a token, and moves the rest of a replica-routed request to the
+        primary (``async with db(replica=False):`` is where writes go that cannot be told
+        from reads)."""
+        if writes:
+            self.wrote = True
+            route = self.route
+            if route is not None and not route.pinned:
+                route.pin()
 
     def position(self) -> int | None:
         """The position this request's token asks for (read once, when a route chooses)."""
@@ -411,6 +475,10 @@ class Router:
                 return factory
             return Route(self, factory, traffic, explicit=False, parent=request_route)
         return Route(self, factory, traffic, explicit=True, parent=request_route)
+
+    def engines(self) -> list[AsyncEngine]:
+        """The replicas' engines."""
+        return [replica.engine for replica in self.replicas.replicas]
 
     def readers(self) -> list[Engine]:
         """The engines this router's sessions read through (the testing kit mirrors them)."""

@@ -155,26 +155,27 @@ class Observer:
 
     # -- the engine's listeners ---------------------------------------------------------------
 
-    def attach(self, engine: AsyncEngine) -> None:
+    def attach(self, engine: AsyncEngine, *replicas: AsyncEngine) -> None:
+        """Observe ``engine`` and its read ``replicas`` (their statements count too)."""
         self.engine = engine
+        self.engines = [engine, *replicas]
         if self.telemetry is not None:
             self.telemetry.start()
-        sync_engine = engine.sync_engine
-        if not event.contains(sync_engine, "do_execute", self._do_execute):
-            for name, listener in self._listeners:
-                event.listen(sync_engine, name, listener)
+        for observed_engine in self.engines:
+            sync_engine = observed_engine.sync_engine
+            if not event.contains(sync_engine, "do_execute", self._do_execute):
+                for name, listener in self._listeners:
+                    event.listen(sync_engine, name, listener)
         self.active = True
 
     def detach(self) -> None:
         self.active = False
         if self.telemetry is not None:
             self.telemetry.stop()
-        engine = self.engine
-        if engine is not None and event.contains(
-            engine.sync_engine, "do_execute", self._do_execute
-        ):
-            for name, listener in self._listeners:
-                event.remove(engine.sync_engine, name, listener)
+        for engine in getattr(self, "engines", ()):
+            if event.contains(engine.sync_engine, "do_execute", self._do_execute):
+                for name, listener in self._listeners:
+                    event.remove(engine.sync_engine, name, listener)
 
     def _do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
         return self._timed(

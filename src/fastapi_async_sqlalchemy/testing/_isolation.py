@@ -600,7 +600,7 @@ class Isolation:
             self.unwatch()
             self.lanes.clear()
             for router in self.paused:
-                router.replicas.resume()
+                await router.replicas.resume()
             self.paused.clear()
         return problems
 
