@@ -6,9 +6,11 @@
 #   two streaming replicas 127.0.0.1:5434 and 5435  (pg_basebackup -R -X stream)
 #   PgBouncer              127.0.0.1:6432  (transaction pooling; its database "test" is
 #                                           test_bouncer on the suite's 127.0.0.1:5432)
+#   a MariaDB primary      127.0.0.1:3307  (binary log, GTIDs; database test)
+#   its replica            127.0.0.1:3308  (MASTER_USE_GTID=slave_pos)
 #
-# Everything lives under $REPLICAS_DIR and runs as the postgres OS user (PostgreSQL's tools and
-# PgBouncer refuse root). Commands:
+# PostgreSQL lives under $REPLICAS_DIR and runs as the postgres OS user (PostgreSQL's tools and
+# PgBouncer refuse root); MariaDB under $MARIADB_DIR, as the mysql user. Commands:
 #
 #   scripts/replicas.sh [up]                 create or start whatever is missing (the default)
 #   scripts/replicas.sh stop-replica         stop the replica (the tests' "replica down")
@@ -19,6 +21,9 @@
 set -euo pipefail
 
 REPLICAS_DIR=${REPLICAS_DIR:-/var/lib/postgresql/fastapi-async-sqlalchemy}
+MARIADB_DIR=${MARIADB_DIR:-/var/lib/mysql-fastapi-async-sqlalchemy}
+MARIADB_PRIMARY_PORT=${MARIADB_PRIMARY_PORT:-3307}
+MARIADB_REPLICA_PORT=${MARIADB_REPLICA_PORT:-3308}
 PRIMARY_PORT=${PRIMARY_PORT:-5433}
 REPLICA_PORT=${REPLICA_PORT:-5434}
 SECOND_PORT=${SECOND_PORT:-5435}
@@ -195,6 +200,71 @@ EOF
   return 1
 }
 
+# -- MariaDB -------------------------------------------------------------------------------------
+
+my_sql() {  # my_sql NAME SQL: as root, through the server's socket
+  mariadb --no-defaults -S "$MARIADB_DIR/$1.sock" -uroot -N -B -e "$2"
+}
+
+my_up() {  # my_up NAME PORT SERVER_ID: an instance of our own, made and started if need be
+  local name=$1 port=$2 id=$3 dir=$MARIADB_DIR/$1
+  if ! mariadb-admin --no-defaults -S "$dir.sock" -uroot status >/dev/null 2>&1; then
+    if [ ! -d "$dir/mysql" ]; then
+      say "creating the MariaDB $name in $dir"
+      rm -rf "$dir"
+      mkdir -p "$dir"
+      chown mysql: "$dir"
+      mariadb-install-db --no-defaults --user=mysql --datadir="$dir" --skip-test-db \
+        --auth-root-authentication-method=normal >/dev/null
+    fi
+    # A daemon of its own session, holding none of this script's outputs (make would wait).
+    (cd / && exec setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$dir" \
+      --port="$port" --bind-address=127.0.0.1 --socket="$dir.sock" --pid-file="$dir.pid" \
+      --log-error="$dir.err" --server-id="$id" --log-bin="$name-bin" --gtid-strict-mode=1 \
+      --skip-name-resolve --innodb-buffer-pool-size=32M --innodb-flush-log-at-trx-commit=2 \
+      </dev/null >/dev/null 2>&1) &
+    for _ in $(seq 150); do
+      mariadb-admin --no-defaults -S "$dir.sock" -uroot status >/dev/null 2>&1 && break
+      sleep 0.2
+    done
+    mariadb-admin --no-defaults -S "$dir.sock" -uroot status >/dev/null 2>&1 || {
+      say "the MariaDB $name did not come up; its log: $dir.err"
+      tail -n 20 "$dir.err" >&2 || true
+      return 1
+    }
+  fi
+  # Root over TCP from 127.0.0.1, as the suite connects (not written to the binary log).
+  my_sql "$name" "SET sql_log_bin = 0; CREATE USER IF NOT EXISTS root@'127.0.0.1';
+    GRANT ALL ON *.* TO root@'127.0.0.1' WITH GRANT OPTION"
+}
+
+mariadb_up() {
+  mkdir -p "$MARIADB_DIR"
+  chown mysql: "$MARIADB_DIR"
+  my_up primary "$MARIADB_PRIMARY_PORT" 1
+  my_sql primary "CREATE DATABASE IF NOT EXISTS test"
+  my_up replica "$MARIADB_REPLICA_PORT" 2
+  local host io sql delay
+  read -r host io sql delay < <(mariadb --no-defaults -S "$MARIADB_DIR/replica.sock" -uroot \
+    -e "SHOW REPLICA STATUS\G" | awk '/ Master_Host:/ {h=$2} / Slave_IO_Running:/ {io=$2}
+      / Slave_SQL_Running:/ {sql=$2} / SQL_Delay:/ {d=$2} END {print h" "io" "sql" "d}')
+  if [ "$host" != 127.0.0.1 ]; then
+    my_sql replica "STOP SLAVE; CHANGE MASTER TO MASTER_HOST='127.0.0.1',
+      MASTER_PORT=$MARIADB_PRIMARY_PORT, MASTER_USER='root', MASTER_PASSWORD='',
+      MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1; START SLAVE"
+  elif [ "$sql" = No ] || [ "$io" = No ] || [ "${delay:-0}" != 0 ]; then
+    # A test that stopped or delayed replication and died leaves it so: undo.
+    my_sql replica "STOP SLAVE; CHANGE MASTER TO MASTER_DELAY=0; START SLAVE"
+  fi
+  for _ in $(seq 100); do
+    [ "$(my_sql replica "SELECT count(*) FROM information_schema.SCHEMATA
+      WHERE SCHEMA_NAME = 'test'")" = 1 ] && return 0
+    sleep 0.1
+  done
+  say "the MariaDB replica does not replicate; its log: $MARIADB_DIR/replica.err"
+  return 1
+}
+
 BIN=$(pg_bin)
 mkdir -p "$REPLICAS_DIR"
 chown postgres: "$REPLICAS_DIR"
@@ -205,6 +275,7 @@ case "${1:-up}" in
     replica_up replica "$REPLICA_PORT"
     replica_up replica2 "$SECOND_PORT"
     bouncer_up
+    mariadb_up
     ;;
   stop-replica) stop_cluster replica ;;
   start-replica) start_cluster replica "$REPLICA_PORT" ;;
@@ -223,6 +294,9 @@ case "${1:-up}" in
     fi
     for cluster in "$REPLICAS_DIR"/scratch-* "$REPLICAS_DIR"/replica* "$REPLICAS_DIR/primary"; do
       [ -d "$cluster" ] && stop_cluster "$(basename "$cluster")"
+    done
+    for name in replica primary; do
+      mariadb-admin --no-defaults -S "$MARIADB_DIR/$name.sock" -uroot shutdown 2>/dev/null || true
     done
     ;;
   *)

@@ -20,6 +20,7 @@ from sqlmodel import Field, SQLModel
 from sqlmodel import select as sqlmodel_select
 from sqlmodel.ext.asyncio.session import AsyncSession as SQLModelAsyncSession
 
+import fastapi_async_sqlalchemy._engine
 import fastapi_async_sqlalchemy._middleware
 from fastapi_async_sqlalchemy import (
     InvalidConfigurationError,
@@ -45,7 +46,7 @@ def engines_created(monkeypatch: pytest.MonkeyPatch) -> list[AsyncEngine]:
         created.append(engine)
         return engine
 
-    monkeypatch.setattr(fastapi_async_sqlalchemy._middleware, "create_async_engine", spy)
+    monkeypatch.setattr(fastapi_async_sqlalchemy._engine, "create_async_engine", spy)
     return created
 
 

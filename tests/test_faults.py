@@ -60,6 +60,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
+import fastapi_async_sqlalchemy._engine
 import fastapi_async_sqlalchemy._middleware
 from fastapi_async_sqlalchemy import (
     FastAPIAsyncSQLAlchemyError,
@@ -1172,7 +1173,7 @@ def test_bad_middleware_arguments_are_refused_up_front_and_never_show_the_passwo
     Middleware, db = create_middleware_and_session_proxy()
     custom_engine = create_async_engine("sqlite+aiosqlite://") if custom else None
     created: list[AsyncEngine] = []
-    real_create = fastapi_async_sqlalchemy._middleware.create_async_engine
+    real_create = fastapi_async_sqlalchemy._engine.create_async_engine
 
     def spy(*args: Any, **kwargs: Any) -> AsyncEngine:
         engine = real_create(*args, **kwargs)
@@ -1200,7 +1201,7 @@ def test_bad_middleware_arguments_are_refused_up_front_and_never_show_the_passwo
     refused: BaseException | None = None
     shown: tuple[str, ...] = ()
     try:
-        fastapi_async_sqlalchemy._middleware.create_async_engine = spy  # type: ignore[assignment]
+        fastapi_async_sqlalchemy._engine.create_async_engine = spy  # type: ignore[assignment]
         # A URL option a driver ignores is only warned about (SAWarning): recorded here, so that
         # it is checked for the password too, rather than raised.
         with warnings.catch_warnings(record=True) as caught:
@@ -1212,7 +1213,7 @@ def test_bad_middleware_arguments_are_refused_up_front_and_never_show_the_passwo
         if middleware is not None:
             shown = (repr(middleware), repr(db), repr(middleware.engine), str(db.engine.url))
     finally:
-        fastapi_async_sqlalchemy._middleware.create_async_engine = real_create
+        fastapi_async_sqlalchemy._engine.create_async_engine = real_create
         root.removeHandler(logs)
         root.setLevel(level)
         asyncio.run(dispose(middleware, *created, custom_engine))

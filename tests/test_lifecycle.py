@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 from starlette.testclient import TestClient
 
+import fastapi_async_sqlalchemy._engine
 import fastapi_async_sqlalchemy._middleware
 from fastapi_async_sqlalchemy import (
     DBSessionMeta,
@@ -130,7 +131,7 @@ def connections(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Connectio
     def create_and_watch(*args: Any, **kwargs: Any) -> AsyncEngine:
         return watched.watch(create_async_engine(*args, **kwargs))
 
-    middleware_module = fastapi_async_sqlalchemy._middleware
+    middleware_module = fastapi_async_sqlalchemy._engine
     monkeypatch.setattr(middleware_module, "create_async_engine", create_and_watch)
     return watched
 

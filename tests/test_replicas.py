@@ -260,7 +260,7 @@ async def test_replica_engines_are_the_callers(pair: Pair) -> None:
 
 
 def _refusal() -> Any:
-    from fastapi_async_sqlalchemy._replicas import _refused_write
+    from fastapi_async_sqlalchemy._read_only import refused_write as _refused_write
 
     return _refused_write
 
@@ -465,7 +465,7 @@ async def test_the_request_objects_are_untouched(pair: Pair) -> None:
 def test_a_position_past_a_page_header_is_read_as_the_page_boundary() -> None:
     """Where an idle primary's insert position points past a WAL page header, the token asks
     for the boundary (no record ends inside a header); any other position is kept."""
-    from fastapi_async_sqlalchemy._replicas import parse_lsn, replayable
+    from fastapi_async_sqlalchemy._positions import parse_lsn, replayable
 
     page = 8192 * 1000
     assert replayable(page + 24, 8192) == page
@@ -738,3 +738,61 @@ async def test_a_lost_commit_on_the_primary_is_never_taken_for_a_lost_replica(
         assert [s["state"] for s in db.replica_status()] == ["healthy", "healthy"]
         assert db.pool_status()["checked_out"] == 0
     assert await pair.names() == ["audit"]
+
+
+async def test_a_replica_lost_before_the_rollback_fails_no_request(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request read from a replica, which went away before its transaction was rolled
+    back: nothing is lost, the answer stands, the replica is marked down, no connection kept."""
+    app, db = replicated(pair, replica_reads=["GET"], read_your_writes=None)
+    armed = {"rollbacks": 1}
+    async with serve(app) as client:
+        await healthy(db)
+        replicas = db._binding.router.replicas.replicas
+        for replica in replicas:
+            dialect = replica.engine.sync_engine.dialect
+            rollback = dialect.do_rollback
+
+            def do_rollback(
+                dbapi_connection: Any, rollback: Any = rollback, d: Any = dialect
+            ) -> None:
+                if armed["rollbacks"]:
+                    armed["rollbacks"] -= 1
+                    raise d.loaded_dbapi.OperationalError("server closed the connection")
+                rollback(dbapi_connection)
+
+            monkeypatch.setattr(dialect, "do_rollback", do_rollback)
+            monkeypatch.setattr(dialect, "is_disconnect", lambda *args: True)
+        answer = await client.get("/role")
+        assert answer.status_code == 200
+        assert answer.json().startswith("replica-")
+        assert sorted(s["state"] for s in db.replica_status()) == ["down", "healthy"]
+        for replica in replicas:
+            assert replica.engine.sync_engine.pool.checkedout() == 0
+
+
+def test_gtid_positions_are_compared_domain_by_domain() -> None:
+    from fastapi_async_sqlalchemy._positions import GtidPositions, parse_gtids
+
+    positions = GtidPositions()
+    assert parse_gtids("0-1-42,1-2-7") == {0: 42, 1: 7}
+    assert positions.reached("0-1-42,1-2-7", "0-1-40")
+    assert positions.reached("0-1-42,1-2-7", "0-2-42,1-1-7")  # the server id does not matter
+    assert not positions.reached("0-1-42", "0-1-42,1-2-1")  # a domain not applied yet
+    assert not positions.reached("0-1-41", "0-1-42")
+    assert not positions.reached(None, "0-1-1")
+
+
+@pytest.mark.parametrize("position", ["0-1-42,1-2-7", 0x16B374D848, None])
+def test_a_token_gives_back_the_position_it_was_issued_for(position: Any) -> None:
+    from fastapi_async_sqlalchemy._tokens import UNREACHABLE, Tokens
+
+    tokens = Tokens(b"k" * 32, "cookie", "db_position", 10)
+    name, value = tokens.issue(position, secure=True)
+    assert name == b"set-cookie"
+    assert b"; Secure" in value
+    cookie = value.split(b";")[0]
+    assert b"," not in cookie  # no comma in a cookie value
+    read = tokens.read({"headers": [(b"cookie", b"other=1; " + cookie)]})
+    assert read == (UNREACHABLE if position is None else position)

@@ -6,15 +6,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import ArgumentError, InvalidRequestError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._admission import Admission
 from ._config import (
-    DriverNotInstalledError,
     InvalidTypeError,
-    InvalidURLError,
-    SyncDriverError,
     check_optional_seconds,
     check_positive_int,
     check_seconds,
@@ -25,12 +21,14 @@ from ._config import (
 )
 from ._deadlines import install as install_deadlines
 from ._deadlines import with_deadline
+from ._engine import check_engine_source, create_engine
 from ._pgbouncer import pgbouncer_engine_args
 from ._pool import SaturationWarning
 from ._proxy import Binding, DBSessionMeta, restore
-from ._replicas import plan_replicas
+from ._replica_plan import plan_replicas
 from ._request import WEBSOCKET_SCOPE_ENDED, RequestScope
-from ._routing import Router, check_read_your_writes, routed
+from ._router import Router
+from ._routing import routed
 from ._scope import (
     Scope,
     SessionFactory,
@@ -40,6 +38,7 @@ from ._scope import (
     watch_savepoint_roots,
 )
 from ._stats import Observer, observed
+from ._tokens import check_read_your_writes
 from ._types import ASGIApp, ASGIScope, Message, Receive, Send
 from .exceptions import InvalidConfigurationError, ProxyBindingError
 
@@ -92,7 +91,7 @@ class BaseSQLAlchemyMiddleware:
     ) -> None:
         # Every check comes before anything is allocated: a refused construction leaves no
         # engine, no pool, and the proxy as it was.
-        url = _check_engine_source(db_url, custom_engine, engine_args)
+        url = check_engine_source(db_url, custom_engine, engine_args)
         self.session_args = check_session_args(session_args, allow_bind=False)
         self.exclude_paths = _check_exclude_paths(exclude_paths)
         self.pool_warn_threshold = _check_threshold(pool_warn_threshold)
@@ -141,12 +140,12 @@ class BaseSQLAlchemyMiddleware:
             self.engine = custom_engine
             self.engine_owned = False
         else:
-            self.engine = _create_engine(url, engine_args)  # type: ignore[arg-type]
+            self.engine = create_engine(url, engine_args)  # type: ignore[arg-type]
             self.engine_owned = True
         self._router: Router | None = None
         if replicas is not None:
             self._router = Router(
-                replicas.build(self.engine, lambda url: _create_engine(url, engine_args)),
+                replicas.build(self.engine, lambda url: create_engine(url, engine_args)),
                 self.proxy._name,
                 read_your_writes,
                 read_your_writes_secret,
@@ -350,66 +349,6 @@ def _telemetry(engine: AsyncEngine) -> Telemetry:
             "the SDK with an exporter, which decide where the spans and metrics go)."
         ) from None
     return Telemetry(engine)
-
-
-def _check_engine_source(
-    db_url: object, custom_engine: object, engine_args: Mapping[str, Any] | None
-) -> URL | None:
-    if db_url is None and custom_engine is None:
-        raise InvalidConfigurationError(
-            "SQLAlchemyMiddleware needs db_url (it then creates and owns the engine) or "
-            "custom_engine (an AsyncEngine you own); neither was given."
-        )
-    if db_url is not None and custom_engine is not None:
-        raise InvalidConfigurationError(
-            "Give either db_url or custom_engine, not both: with custom_engine the middleware "
-            "uses your engine and never creates one."
-        )
-    if custom_engine is not None:
-        if not isinstance(custom_engine, AsyncEngine):
-            raise InvalidConfigurationError(
-                "custom_engine must be an AsyncEngine (from create_async_engine()), "
-                f"not {type(custom_engine).__name__}."
-            )
-        return None  # engine_args, if any, only apply to an engine made from db_url
-    if engine_args is not None and not isinstance(engine_args, Mapping):
-        raise InvalidTypeError(
-            "engine_args must be a dict of create_async_engine() keyword arguments, "
-            f"not {type(engine_args).__name__}."
-        )
-    return check_url(db_url)
-
-
-def _create_engine(url: URL, engine_args: Mapping[str, Any] | None) -> AsyncEngine:
-    # SQLAlchemy's messages name the argument or the driver; none of them holds the password.
-    try:
-        return create_async_engine(url, **(engine_args or {}))
-    except (TypeError, ValueError, AttributeError) as exc:
-        error = InvalidTypeError if isinstance(exc, TypeError) else InvalidConfigurationError
-        raise error(
-            f"engine_args: {_one_line(exc)} Pass only create_async_engine() keywords the "
-            "dialect accepts, with values of the documented types."
-        ) from None
-    except ImportError as exc:
-        raise DriverNotInstalledError(
-            f"db_url names a driver that is not installed ({_one_line(exc)}): install it, or "
-            "use an async driver that is, such as postgresql+asyncpg or sqlite+aiosqlite."
-        ) from None
-    except ArgumentError as exc:
-        raise InvalidURLError(
-            f"db_url names a dialect or driver that cannot be used here ({_one_line(exc)}): "
-            "use an async driver, such as postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite."
-        ) from None
-    except InvalidRequestError as exc:
-        raise SyncDriverError(
-            f"db_url names a dialect or driver that cannot be used here ({_one_line(exc)}): "
-            "use an async driver, such as postgresql+asyncpg, mysql+asyncmy or sqlite+aiosqlite."
-        ) from None
-
-
-def _one_line(exc: BaseException) -> str:
-    """SQLAlchemy's message on one line, as every error of ours is."""
-    return " ".join(str(exc).split())
 
 
 def _check_exclude_paths(paths: object) -> frozenset[Any]:

@@ -37,7 +37,7 @@ from ._multi import (
 )
 from ._pool import pool_status
 from ._retry import run_in_transaction
-from ._routing import Router
+from ._router import Router
 from ._scope import Scope, SessionFactory, finalize, finalize_after
 from ._stats import DatabaseStats, Observer
 from .exceptions import (

@@ -36,7 +36,7 @@ from sqlalchemy.util.concurrency import greenlet_spawn, in_greenlet
 from .. import _proxy
 from .._config import check_seconds
 from .._greenlet import await_
-from .._routing import Router
+from .._router import Router
 from .._where import caller as _caller
 from ..exceptions import FastAPIAsyncSQLAlchemyError
 from ._queries import KIT
