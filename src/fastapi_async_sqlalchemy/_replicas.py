@@ -139,7 +139,8 @@ class ReplicaSet:
         self._task: asyncio.Task[None] | None = None
         self.enabled = False  # between attach() and stop(): checks may run
         self.paused = False
-        self._cancelled: asyncio.Task[None] | None = None  # paused, winding up
+        self._halt = asyncio.Event()  # set: the checks stop after the one under way
+        self._stopping: asyncio.Task[None] | None = None  # told to stop, winding up
         # The engines read-only transactions run on (the primary's own connections get no
         # listener: an engine with one pays SQLAlchemy's event dispatch on every statement).
         self._readers = [r.reader for r in replicas]
@@ -218,17 +219,17 @@ class ReplicaSet:
         except RuntimeError:
             return  # no loop yet: the first request starts them
         # In a context of its own: nothing of the request or test that started it.
+        self._halt = asyncio.Event()
         self._task = loop.create_task(
-            self._watch(), name="fastapi_async_sqlalchemy replicas", context=contextvars.Context()
+            self._watch(self._halt),
+            name="fastapi_async_sqlalchemy replicas",
+            context=contextvars.Context(),
         )
 
     def pause(self) -> None:
         """Stop the checks until :meth:`resume`: the testing kit's block."""
         self.paused = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            self._cancelled = task
+        self._stop_watching()
 
     async def resume(self) -> None:
         """Checks again after :meth:`pause`, once the paused one has wound up."""
@@ -236,30 +237,34 @@ class ReplicaSet:
         self.paused = False
         self.start()
 
-    async def _wind_up(self) -> None:
-        task, self._cancelled = self._cancelled, None
+    def _stop_watching(self) -> None:
+        """Tell the checks to stop once the one under way is done. They are not cancelled: a
+        connection cut off while it is made or used may be left unclosed by its driver."""
+        task, self._task = self._task, None
         if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            self._halt.set()
+            self._stopping = task
+
+    async def _wind_up(self) -> None:
+        task, self._stopping = self._stopping, None
+        if task is not None:
+            await task
 
     async def stop(self) -> None:
         """Stop the checks; dispose of the replica engines made from ``replica_urls``."""
         self.enabled = False
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._stop_watching()
         await self._wind_up()
         for replica in self.replicas:
             replica.state = UNKNOWN
             if replica.owned:
                 await replica.engine.dispose()
 
-    async def _watch(self) -> None:
-        while True:
+    async def _watch(self, halt: asyncio.Event) -> None:
+        while not halt.is_set():
             await self.check()
-            await asyncio.sleep(self.check_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(halt.wait(), self.check_interval)
 
     async def check(self) -> None:
         """Check every replica once (concurrently) and record what was found."""
@@ -269,6 +274,8 @@ class ReplicaSet:
         await asyncio.gather(*(self._check(r, primary_at) for r in self.replicas))
 
     async def _primary_now(self) -> int | None:
+        if self.paused:
+            return None  # the testing kit watches the primary's engine: no connection of ours
         try:
             async with asyncio.timeout(self._timeout()):
                 async with self.primary.connect() as conn:
