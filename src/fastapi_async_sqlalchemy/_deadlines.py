@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, ExceptionContext
+from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -43,12 +43,16 @@ class _Installed:
 _installed = _Installed()
 
 
-def install(engine: AsyncEngine) -> None:
-    """Listen where deadlines need it: sessions (once per process) and ``engine`` (once)."""
+def install(*engines: AsyncEngine) -> None:
+    """Listen where deadlines need it: sessions (once per process) and each engine (once)."""
     if not _installed.session:
         event.listen(Session, "after_begin", _after_begin)
         _installed.session = True
-    sync_engine = engine.sync_engine
+    for engine in engines:
+        _install_on(engine.sync_engine)
+
+
+def _install_on(sync_engine: Engine) -> None:
     if event.contains(sync_engine, "handle_error", _handle_error):
         return
     event.listen(sync_engine, "handle_error", _handle_error)

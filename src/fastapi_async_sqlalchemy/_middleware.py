@@ -152,10 +152,7 @@ class BaseSQLAlchemyMiddleware:
             )
         session_options = self.session_args
         if self.statement_timeout is not None:
-            install_deadlines(self.engine)
-            if self._router is not None:
-                for replica in self._router.engines():
-                    install_deadlines(replica)
+            install_deadlines(self.engine, *self._replica_engines())
             session_options = with_deadline(session_options, self.statement_timeout)
         self._observer: Observer | None = None
         telemetry = _telemetry(self.engine) if opentelemetry else None
@@ -204,12 +201,14 @@ class BaseSQLAlchemyMiddleware:
         self.proxy._bind(self._binding)
         self._disposed = False
         if self._observer is not None:
-            replicas = self._router.engines() if self._router is not None else ()
-            self._observer.attach(self.engine, *replicas)
+            self._observer.attach(self.engine, *self._replica_engines())
         if self._saturation is not None:
             self._saturation.attach()
         if self._router is not None:
             self._router.attach()
+
+    def _replica_engines(self) -> list[AsyncEngine]:
+        return self._router.engines() if self._router is not None else []
 
     def should_commit(self, status_code: int) -> bool:
         """Whether a request that ended with ``status_code`` commits (with ``commit_on_exit``).

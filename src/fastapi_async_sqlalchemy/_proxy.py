@@ -383,9 +383,8 @@ class ExplicitScope:
         proxy = self._proxy
         binding = proxy._require_binding()
         if DEADLINE in self._session_args.get("info", ()):
-            install_deadlines(binding.engine)
-            for replica in binding.router.engines() if binding.router is not None else ():
-                install_deadlines(replica)
+            replicas = binding.router.engines() if binding.router is not None else []
+            install_deadlines(binding.engine, *replicas)
         factory = proxy._factory(self._session_args)
         if binding.router is not None:
             factory = binding.router.block(factory, self._replica)

@@ -143,9 +143,10 @@ class ReplicaSet:
         self._stopping: asyncio.Task[None] | None = None  # told to stop, winding up
         # The engines read-only transactions run on (the primary's own connections get no
         # listener: an engine with one pays SQLAlchemy's event dispatch on every statement).
-        self._readers = [r.reader for r in replicas]
+        # (The testing kit mirrors them onto the primary.)
+        self.readers = [r.reader for r in replicas]
         if self.primary_reader is not primary.sync_engine:
-            self._readers.append(self.primary_reader)
+            self.readers.append(self.primary_reader)
 
     # -- choosing ------------------------------------------------------------------------------
 
@@ -368,12 +369,12 @@ class ReplicaSet:
 
     def attach(self) -> None:
         self.enabled = True
-        for engine in self._readers:
+        for engine in self.readers:
             if not event.contains(engine, "handle_error", refused_write):
                 event.listen(engine, "handle_error", refused_write)
 
     def detach(self) -> None:
-        for engine in self._readers:
+        for engine in self.readers:
             if event.contains(engine, "handle_error", refused_write):
                 event.remove(engine, "handle_error", refused_write)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
@@ -45,16 +44,15 @@ class Traffic:
             else None
         )
 
-    def saw(self, writes: bool) -> None:
-        """A primary session of this request sent a statement: one that may write makes the
-        request's commit worth a token, and moves the rest of a replica-routed request to the
-        primary (``async with db(replica=False):`` is where writes go that cannot be told
-        from reads)."""
-        if writes:
-            self.wrote = True
-            route = self.route
-            if route is not None and not route.pinned:
-                route.pin()
+    def wrote_on_primary(self) -> None:
+        """A primary session of this request sent something that may write: the request's
+        commit is worth a token, and the rest of a replica-routed request goes to the primary
+        (``async with db(replica=False):`` is where writes go that cannot be told from
+        reads). Once ``wrote`` is set, there is nothing more to learn: every write pins the
+        request's route."""
+        self.wrote = True
+        if self.route is not None:
+            self.route.pin()
 
     def position(self) -> Position | None:
         """The position this request's token asks for (read once, when a route chooses)."""
@@ -123,12 +121,6 @@ class Router:
     def engines(self) -> list[AsyncEngine]:
         """The replicas' engines."""
         return [replica.engine for replica in self.replicas.replicas]
-
-    def readers(self) -> list[Engine]:
-        """The engines this router's sessions read through (the testing kit mirrors them)."""
-        return [replica.reader for replica in self.replicas.replicas] + [
-            self.replicas.primary_reader
-        ]
 
     async def position_after_commit(self) -> Position | None:
         if self.replicas.paused:

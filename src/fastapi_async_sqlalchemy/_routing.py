@@ -40,7 +40,6 @@ from ._tokens import UNREACHABLE
 from .exceptions import FastAPIAsyncSQLAlchemyError, ReplicaWriteError
 
 if TYPE_CHECKING:
-    from ._replicas import Replica
     from ._router import Router, Traffic
 
 # The key of a session's ``info`` holding the router of its middleware.
@@ -73,7 +72,6 @@ class Route:
         "factory",
         "parent",
         "pinned",
-        "replica",
         "router",
         "traffic",
     )
@@ -93,8 +91,7 @@ class Route:
         self.explicit = explicit  # db(replica=True): writes are refused, not moved
         self.parent = parent  # the request's route, whose replica this one shares
         self.pinned = False  # a write was seen: the primary from now on
-        self.bind: Engine | None = None
-        self.replica: Replica | None = None
+        self.bind: Engine | None = None  # the chosen replica's reader, or the primary's
         # While a choice waits for a replica to catch up, the other sessions of the scope
         # (db.gather() children) wait for that choice instead of making their own.
         self.choosing: asyncio.Future[None] | None = None
@@ -136,7 +133,7 @@ class Route:
         parent = self.parent
         if parent is not None and not parent.pinned:
             bind = parent.bind if parent.bind is not None else parent._choose()
-            self.bind, self.replica = bind, parent.replica
+            self.bind = bind
             return bind
         while self.choosing is not None and in_greenlet():
             await_(asyncio.shield(self.choosing))  # another session of the scope is choosing
@@ -153,7 +150,6 @@ class Route:
             finally:
                 self.choosing.set_result(None)
                 self.choosing = None
-        self.replica = replica
         bind = self.bind = replica.reader if replica is not None else replicas.primary_reader
         return bind
 
@@ -190,7 +186,7 @@ class Route:
         replicas.mark_down(replica, error)
         for route in (self, self.parent):
             if route is not None and route.bind is tried:
-                route.bind = route.replica = None
+                route.bind = None
         return True
 
 
@@ -231,8 +227,13 @@ def routed_class(base: type[Session]) -> type[Session]:
                 router: Router | None = self.info.get(ROUTER)
                 if router is not None:
                     traffic = router.replicas.traffic.get()
-                    if traffic is not None:
-                        traffic.saw(self._flushing or _writes(clause) is not False)
+                    # Anything that may write (a connection handed out included), once.
+                    if (
+                        traffic is not None
+                        and not traffic.wrote
+                        and (self._flushing or _writes(clause) is not False)
+                    ):
+                        traffic.wrote_on_primary()
         return base.get_bind(self, mapper, clause=clause, **kw)
 
     def _execute_internal(self: Session, *args: Any, **kw: Any) -> Any:

@@ -139,6 +139,7 @@ class Observer:
             "fastapi_async_sqlalchemy.connection_asked", default=None
         )
         self.engine: AsyncEngine | None = None
+        self.engines: list[AsyncEngine] = []  # the primary and its replicas, while attached
         self.active = False  # its listeners are installed
         self._classes: dict[type[Session], type[Session]] = {}
         # The statement hooks by event name (each must find itself among the event's listeners).
@@ -172,7 +173,7 @@ class Observer:
         self.active = False
         if self.telemetry is not None:
             self.telemetry.stop()
-        for engine in getattr(self, "engines", ()):
+        for engine in self.engines:
             if event.contains(engine.sync_engine, "do_execute", self._do_execute):
                 for name, listener in self._listeners:
                     event.remove(engine.sync_engine, name, listener)

@@ -463,7 +463,7 @@ class Isolation:
         self.watch(binding.engine.sync_engine)
         router = binding.router
         if router is not None and router not in self.paused:
-            for reader in router.readers():
+            for reader in router.replicas.readers:
                 self.mirrors[reader] = binding.engine.sync_engine
             router.replicas.pause()
             self.paused.append(router)
